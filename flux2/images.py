@@ -1,0 +1,90 @@
+"""Pixels: opening user images safely, resizing to a bucket, and converting to and from [-1, 1] tensors."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+
+# Refuse decompression bombs early, with our own message (see open_rgb).
+MAX_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves before decoding
+
+
+class ImageError(ValueError):
+    """An image that cannot be used, with the reason."""
+
+
+def open_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode an image fully: EXIF orientation applied, any mode converted to RGB (alpha composited on white).
+
+    Raises ImageError naming the file when it cannot be read or is larger than `max_pixels`.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageError(f"{path}: {w}x{h} is over the {max_pixels:,}-pixel limit; downscale it first")
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: not a readable image ({e})") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Transparent pixels become white; 16-bit images are scaled, not clipped."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale the actual range to 8 bits instead of clipping at 255.
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype("uint8"), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", im.size, (255, 255, 255))
+        background.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
+        return background
+    return im.convert("RGB")
+
+
+def resize_cover_crop(im: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale so the image covers width x height (aspect kept), then centre-crop to exactly that size."""
+    w, h = im.size
+    scale = max(width / w, height / h)
+    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        resample = Image.LANCZOS if scale > 1 else Image.BOX
+        im = im.resize((new_w, new_h), resample=resample)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return im.crop((left, top, left + width, top + height))
+
+
+def fit_area(width: int, height: int, max_area: int | None, multiple: int = 16) -> tuple[int, int]:
+    """The size (w, h) an image of width x height is brought to: scaled down (aspect kept) to at most max_area
+    pixels when it is larger, then each side floored to a multiple of `multiple`."""
+    if max_area is not None and width * height > max_area:
+        s = math.sqrt(max_area / (width * height))
+        width, height = width * s, height * s
+    return max(multiple, int(width) // multiple * multiple), max(multiple, int(height) // multiple * multiple)
+
+
+def to_tensor(im: Image.Image) -> Tensor:
+    """RGB PIL image -> (3, H, W) float32 in [-1, 1]."""
+    t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(im.height, im.width, 3)
+    return t.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def to_pil(x: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> RGB PIL images (clamped, rounded)."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return [Image.fromarray(a.numpy(), "RGB") for a in x]

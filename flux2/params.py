@@ -1,0 +1,340 @@
+"""`params.yaml`: the typed settings of every stage, validated before any work starts.
+
+Each top-level group is a dataclass; a stage reads its group (`load_params().train`). Validation reports the
+first problem as one line naming the key: unknown keys (with the nearest valid name), wrong types, bad choices,
+paths that do not exist, a text encoder that does not fit the variant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flux2.variants import VARIANTS
+
+
+class ParamsError(ValueError):
+    """A params.yaml problem, one line naming the key."""
+
+
+@dataclass
+class ModelParams:
+    model_version: str = "tiny"
+    dit: str = "models/tiny/dit.safetensors"
+    vae: str = "models/tiny/ae.safetensors"
+    text_encoder: str = "models/tiny/text_encoder"
+    tokenizer: str | None = None
+    dtype: str = "auto"  # frozen base weights: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
+    vae_dtype: str = "float32"
+    fp8_base: bool = False
+    fp8_scaled: bool = False
+    fp8_text_encoder: bool = False
+    blocks_to_swap: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class SourceParams:
+    """One dataset source: a folder of images with captions, or a manifest (JSONL / CSV / Parquet)."""
+
+    image_directory: str | None = None
+    manifest: str | None = None  # .jsonl / .csv / .parquet with image_path, caption[, control_path[_N]]
+    image_jsonl_file: str | None = None  # musubi-tuner's name for a JSONL manifest
+    control_directory: str | None = None
+    root: str | None = None  # manifest paths must stay inside this folder (default: the manifest's folder)
+    caption_extension: str = ".txt"
+    resolution: int | list[int] = 1024  # one side (square area) or [width, height]
+    num_repeats: int = 1
+    enable_bucket: bool = True
+    bucket_no_upscale: bool = False
+
+
+@dataclass
+class DatasetParams:
+    sources: list[SourceParams] = field(default_factory=list)
+    toml: str | None = None  # a musubi-tuner dataset config, accepted as-is instead of / besides `sources`
+    on_error: str = "skip"  # skip bad items and report them | fail on the first
+    min_side: int = 64
+    max_pixels: int = 64_000_000
+    manifest: str = "data/manifest.parquet"
+    report: str = "reports/ingest.json"
+
+
+@dataclass
+class CacheParams:
+    latents_dir: str = "cache/latents"
+    text_dir: str = "cache/text"
+    shard_mb: int = 256
+    batch_size: int = 8
+    text_dtype: str = "bfloat16"
+
+
+@dataclass
+class TrainParams:
+    output_dir: str = "outputs/lora"
+    output_name: str = "lora"
+    checkpoint_dir: str = "checkpoints"
+    network_dim: int = 32
+    network_alpha: float = 1.0
+    network_dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    include_patterns: list[str] = field(default_factory=list)
+    exclude_patterns: list[str] = field(default_factory=list)
+    optimizer_type: str = "adamw"  # adamw | adamw8bit | adafactor | module.Class
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "bf16"  # bf16 | no
+    gradient_checkpointing: bool = True
+    max_train_steps: int | None = 1000
+    max_train_epochs: int | None = None
+    seed: int = 42
+    timestep_sampling: str = "flux2_shift"  # flux2_shift | sigmoid | uniform | shift | logit_normal
+    discrete_flow_shift: float = 1.0
+    sigmoid_scale: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    weighting_scheme: str = "none"  # none | sigma_sqrt | cosmap
+    guidance: float = 1.0  # dev's embedded guidance input during training
+    caption_dropout_rate: float = 0.0
+    sample_prompts: str | None = None
+    sample_every_n_steps: int = 0
+    save_every_n_steps: int = 100
+    max_bad_steps: int = 10
+    log_every_n_steps: int = 1
+
+
+@dataclass
+class EvalParams:
+    holdout_fraction: float = 0.1
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    timesteps: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    noise_seed: int = 1234
+    image_size: list[int] = field(default_factory=lambda: [1024, 1024])  # [height, width]
+    infer_steps: int | None = None
+    guidance_scale: float | None = None
+    clip_model: str | None = None
+    output_dir: str = "outputs/eval"
+
+
+@dataclass
+class TrackingParams:
+    tracking_uri: str | None = None  # default: sqlite file mlflow.db at the repository root (absolute)
+    experiment: str = "flux2"
+
+
+@dataclass
+class Params:
+    model: ModelParams = field(default_factory=ModelParams)
+    dataset: DatasetParams = field(default_factory=DatasetParams)
+    cache: CacheParams = field(default_factory=CacheParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    eval: EvalParams = field(default_factory=EvalParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+
+
+CHOICES = {
+    "model.model_version": list(VARIANTS),
+    "model.dtype": ["auto", "bfloat16", "float32"],
+    "model.vae_dtype": ["bfloat16", "float32"],
+    "dataset.on_error": ["skip", "fail"],
+    "cache.text_dtype": ["bfloat16", "float32"],
+    "train.mixed_precision": ["bf16", "no"],
+    "train.lr_scheduler": ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                           "polynomial"],
+    "train.timestep_sampling": ["flux2_shift", "sigmoid", "uniform", "shift", "logit_normal"],
+    "train.weighting_scheme": ["none", "sigma_sqrt", "cosmap"],
+}
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (after int -> float widening); returns the value to store."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, key)
+            except ParamsError as e:
+                errors.append(e)
+        raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ParamsError(f"{key}: expected null, got {value!r}")
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, "
+                              f"got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix + '.' if prefix else ''}{near[0]}?" if near else \
+                f"; valid keys: {', '.join(names)}"
+            raise ParamsError(f"{full}: unknown key{hint}")
+        kwargs[key] = _convert(value, hints[key], full)
+        choices = CHOICES.get(full)
+        if choices is not None and kwargs[key] not in choices:
+            raise ParamsError(f"{full}: {kwargs[key]!r} is not one of {', '.join(map(str, choices))}")
+    return cls(**kwargs)
+
+
+def parse_params(data: dict | None, source: str = "params.yaml") -> Params:
+    """Typed Params from a parsed YAML mapping; ParamsError (prefixed by `source`) on the first problem."""
+    try:
+        params = _build(Params, data or {}, "")
+        check_semantics(params)
+        return params
+    except ParamsError as e:
+        raise ParamsError(f"{source}: {e}") from None
+
+
+def load_params(path: str | Path = "params.yaml", check_paths: bool = True) -> Params:
+    """Read and validate params.yaml. Relative paths in it are relative to the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run from the repository root or pass --params PATH")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ParamsError(f"{path}: not valid YAML ({e})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of groups (model, dataset, ...), got {type(data).__name__}")
+    params = parse_params(data, str(path))
+    if check_paths:
+        check_model_paths(params, path.parent, str(path))
+    return params
+
+
+def check_semantics(p: Params) -> None:
+    """Cross-field rules that types cannot express."""
+    t = p.train
+    if p.model.fp8_scaled and not p.model.fp8_base:
+        raise ParamsError("model.fp8_scaled: needs model.fp8_base: true (scaled fp8 is a form of fp8 base)")
+    if p.model.blocks_to_swap < 0 or p.model.blocks_to_swap > VARIANTS[p.model.model_version].max_blocks_to_swap:
+        raise ParamsError(f"model.blocks_to_swap: {p.model.blocks_to_swap} is outside 0.."
+                          f"{VARIANTS[p.model.model_version].max_blocks_to_swap} for {p.model.model_version}")
+    for key, value in (("train.network_dim", t.network_dim), ("train.batch_size", t.batch_size),
+                       ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+                       ("cache.shard_mb", p.cache.shard_mb), ("cache.batch_size", p.cache.batch_size),
+                       ("train.max_bad_steps", t.max_bad_steps)):
+        if value < 1:
+            raise ParamsError(f"{key}: must be at least 1, got {value}")
+    if t.max_train_steps is None and t.max_train_epochs is None:
+        raise ParamsError("train.max_train_steps: set it or train.max_train_epochs")
+    for key, value in (("train.caption_dropout_rate", t.caption_dropout_rate),
+                       ("eval.holdout_fraction", p.eval.holdout_fraction), ("train.network_dropout", t.network_dropout),
+                       ("train.rank_dropout", t.rank_dropout), ("train.module_dropout", t.module_dropout)):
+        if not 0.0 <= value < 1.0:
+            raise ParamsError(f"{key}: must be in [0, 1), got {value}")
+    if not all(0.0 < x < 1.0 for x in p.eval.timesteps):
+        raise ParamsError(f"eval.timesteps: each must be in (0, 1), got {p.eval.timesteps}")
+    if len(p.eval.image_size) != 2 or any(s % 16 or s <= 0 for s in p.eval.image_size):
+        raise ParamsError(f"eval.image_size: [height, width], multiples of 16, got {p.eval.image_size}")
+    for i, s in enumerate(p.dataset.sources):
+        key = f"dataset.sources[{i}]"
+        given = [k for k in ("image_directory", "manifest", "image_jsonl_file") if getattr(s, k)]
+        if len(given) != 1:
+            raise ParamsError(f"{key}: give exactly one of image_directory, manifest, image_jsonl_file "
+                              f"(got {', '.join(given) or 'none'})")
+        res = [s.resolution] if isinstance(s.resolution, int) else s.resolution
+        if len(res) not in (1, 2) or any(r < 16 for r in res):
+            raise ParamsError(f"{key}.resolution: an int or [width, height], each at least 16, got {s.resolution}")
+        if s.num_repeats < 1:
+            raise ParamsError(f"{key}.num_repeats: must be at least 1, got {s.num_repeats}")
+    if not p.dataset.sources and not p.dataset.toml:
+        raise ParamsError("dataset.sources: empty; list at least one source or set dataset.toml")
+
+
+def check_model_paths(p: Params, base: Path, source: str) -> None:
+    """The model files exist (relative to `base`) and the text encoder's kind fits the variant."""
+    m = p.model
+    for key in ("dit", "vae", "text_encoder", "tokenizer"):
+        value = getattr(m, key)
+        if value is not None and not (base / value).exists():
+            raise ParamsError(f"{source}: model.{key}: {value} does not exist")
+    if p.dataset.toml and not (base / p.dataset.toml).is_file():
+        raise ParamsError(f"{source}: dataset.toml: {p.dataset.toml} does not exist")
+    config = base / m.text_encoder / "config.json"
+    if config.is_file():
+        import json
+
+        kind = json.loads(config.read_text()).get("model_type", "")
+        want = VARIANTS[m.model_version].text_encoder
+        if want not in kind and not (want == "mistral3" and "mistral" in kind):
+            raise ParamsError(f"{source}: model.text_encoder: {m.text_encoder} is a {kind!r} model, but "
+                              f"{m.model_version} needs {want} (dev: Mistral 3 Small; klein: Qwen3)")
+
+
+def to_flat_dict(p: Params) -> dict[str, Any]:
+    """Flattened `group.key` -> value, for MLflow parameters."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(f"{prefix}.{f.name}" if prefix else f.name, getattr(value, f.name))
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+        else:
+            out[prefix] = value
+
+    walk("", p)
+    return out
