@@ -90,7 +90,7 @@ def prepare_control_images(paths: list[str], no_resize: bool, multiple: int = 16
 
 def generate(opts: GenerateOptions) -> list[Path]:
     """Run one generation; returns the files written."""
-    from flux2.loading import load_ae, load_dit
+    from flux2.loading import load_ae
     from flux2.text_encoder import load_text_encoder
 
     variant = get_variant(opts.model_version)
@@ -122,11 +122,7 @@ def generate(opts: GenerateOptions) -> list[Path]:
                 opts.control_image_path, opts.no_resize_control, variant.ae.downscale)]
         cond.ref_tokens, cond.ref_ids = sampling.reference_tokens(refs)
 
-    dit = load_dit(opts.dit, variant, device=device, dtype=dtype, fp8_scaled=opts.fp8_scaled)
-    if opts.blocks_to_swap:
-        from flux2.block_swap import enable_block_swap
-
-        enable_block_swap(dit, opts.blocks_to_swap, device)
+    dit = load_dit_for(opts, variant, device, dtype)
     latents = sample_latents(dit, variant, cond, height, width, seed, steps, opts.flow_shift, device)
     free(dit)
     del dit
@@ -155,6 +151,19 @@ def generate(opts: GenerateOptions) -> list[Path]:
     print(f"generated {len(written)} file(s) in {time.perf_counter() - t0:.1f} s: "
           + ", ".join(str(p) for p in written))
     return written
+
+
+def load_dit_for(opts: GenerateOptions, variant: Variant, device: torch.device, dtype: torch.dtype
+                 ) -> torch.nn.Module:
+    """The DiT on `device`; with blocks_to_swap, loaded to CPU first and then only the resident blocks move."""
+    from flux2.block_swap import enable_block_swap
+    from flux2.loading import load_dit
+
+    if not opts.blocks_to_swap:
+        return load_dit(opts.dit, variant, device=device, dtype=dtype, fp8_scaled=opts.fp8_scaled)
+    dit = load_dit(opts.dit, variant, device="cpu", dtype=dtype, fp8_scaled=opts.fp8_scaled)
+    enable_block_swap(dit, opts.blocks_to_swap, device)
+    return dit
 
 
 def sample_latents(dit: torch.nn.Module, variant: Variant, cond: sampling.Conditioning, height: int, width: int,

@@ -113,7 +113,7 @@ VARIANTS: dict[str, Variant] = {
         name="tiny", hidden_size=128, num_heads=4, depth=2, depth_single_blocks=2, context_in_dim=192,
         axes_dim=(8, 8, 8, 8), theta=2000, mlp_ratio=3.0, use_guidance_embed=False, guidance_distilled=False,
         text_encoder="qwen3", text_layers=(1, 2, 3), max_text_tokens=64, default_steps=20,
-        default_guidance=4.0, arch="flux_2_tiny", max_blocks_to_swap=2,
+        default_guidance=4.0, arch="flux_2_tiny", max_blocks_to_swap=0,
         text=TextEncoderConfig("qwen3", 64, 3, num_heads=4, num_kv_heads=2, intermediate_size=128,
                                vocab_size=512),
         ae=AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),

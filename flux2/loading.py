@@ -1,0 +1,363 @@
+"""Loading the official FLUX.2 checkpoints: the DiT (`flux2-*.safetensors`) and the autoencoder (`ae.safetensors`).
+
+Every file is checked from its header alone before any tensor is read: the right kind of file (a DiT, not the
+AE or a text encoder or a diffusers `transformer/` shard), the right variant (hidden size, block counts, context
+width), the exact key set and every shape. The model is then built on the meta device and the tensors are read
+one at a time, converted, moved to the target device and assigned in place, so memory holds one copy of the
+weights. Distilled and base klein files have identical shapes; nothing here can tell them apart.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable
+
+import torch
+
+from flux2.autoencoder import AutoEncoder
+from flux2.fp8 import FP8_DTYPE, Fp8Linear, dit_block_linear, quantize_blockwise, quantize_linears
+from flux2.model import Flux2Transformer
+from flux2.safetensors_io import CheckpointError, Shape, iter_tensors, save_file_atomic, tensor_shapes
+from flux2.variants import VARIANTS, AutoEncoderConfig, Variant, get_variant
+
+# ComfyUI stores the DiT under `model.diffusion_model.` (full checkpoints) or `diffusion_model.`.
+DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# Keys of pre-quantised ("scaled fp8") checkpoints from ComfyUI or musubi-tuner: their layouts vary.
+_SCALED_FP8 = re.compile(r"(\.(scale_weight|weight_scale|scale_input|input_scale)$)|(^scaled_fp8$)|comfy_quant")
+
+ShapeTable = dict[str, tuple[Shape, torch.dtype]]
+
+
+@dataclass(frozen=True)
+class DitInfo:
+    """What a DiT file's header says about the model inside (None: the key it comes from is missing)."""
+
+    hidden_size: int | None
+    depth: int  # double-stream blocks
+    depth_single_blocks: int
+    context_in_dim: int | None
+    has_guidance_in: bool
+    num_heads: int | None
+    dtype: torch.dtype | None  # the dtype holding most of the bytes
+
+    def describe(self) -> str:
+        def v(x: object) -> str:
+            return "?" if x is None else str(x)
+        return (f"hidden {v(self.hidden_size)}, {self.depth} / {self.depth_single_blocks}, "
+                f"context {v(self.context_in_dim)}")
+
+
+def _variant(variant: Variant | str) -> Variant:
+    return get_variant(variant) if isinstance(variant, str) else variant
+
+
+def _listing(keys: list[str], n: int = 5) -> str:
+    """'a, b, c' or 'a, b, c, ... (12 in all)'."""
+    shown = ", ".join(keys[:n])
+    return shown if len(keys) <= n else f"{shown}, ... ({len(keys)} in all)"
+
+
+def strip_prefix(keys: Iterable[str], path: str | os.PathLike = "checkpoint") -> dict[str, str]:
+    """Model key -> file key. Accepts BFL single files (no prefix) and ComfyUI's `model.diffusion_model.` or
+    `diffusion_model.` prefix. Keys without the prefix are kept as they are (and then fail the key check)."""
+    keys = list(keys)
+    prefix = next((p for p in DIT_PREFIXES if any(k.startswith(p) for k in keys)), "")
+    mapping: dict[str, str] = {}
+    for key in keys:
+        name = key[len(prefix):] if prefix and key.startswith(prefix) else key
+        if name in mapping:
+            raise CheckpointError(f"{path} holds both {mapping[name]!r} and {key!r}: the same weight twice")
+        mapping[name] = key
+    return mapping
+
+
+def detect_checkpoint_kind(keys: Iterable[str]) -> str:
+    """Which kind of file these (prefix-stripped) keys come from: 'dit', 'ae', 'lora', 'text_encoder',
+    'diffusers_transformer', 'diffusers_ae' or 'unknown'."""
+    keys = list(keys)
+
+    def has(*patterns: str) -> bool:
+        return any(re.search(p, k) for k in keys for p in patterns)
+
+    if has(r"^lora_unet_", r"\.lora_(down|up|A|B)\."):
+        return "lora"
+    if has(r"^(double_blocks|single_blocks)\.\d+\.", r"^(img_in|txt_in)\.weight$"):
+        return "dit"
+    if has(r"^(transformer_blocks|single_transformer_blocks)\.\d+\.", r"^(x_embedder|context_embedder)\."):
+        return "diffusers_transformer"
+    if has(r"^(encoder\.down_blocks|decoder\.up_blocks)\.", r"^(encoder|decoder)\.conv_norm_out\."):
+        return "diffusers_ae"
+    if has(r"^(encoder|decoder)\.(conv_in|down|up|mid)\b", r"^bn\.running_(mean|var)$"):
+        return "ae"
+    if has(r"embed_tokens\.", r"\.self_attn\.[qkvo]_proj\.", r"^lm_head\.", r"^(language_model|vision_tower)\."):
+        return "text_encoder"
+    return "unknown"
+
+
+_WRONG_KIND = {
+    "ae": "looks like the FLUX.2 autoencoder (ae.safetensors); pass it as --vae",
+    "dit": "looks like a FLUX.2 DiT (flux2-*.safetensors); pass it as --dit",
+    "lora": "looks like a LoRA file; pass it as --lora_weight",
+    "text_encoder": "looks like a text encoder (Qwen3 / Mistral weights); pass it (its first shard) as --text_encoder",
+    "diffusers_transformer": (
+        "is a diffusers-layout transformer (keys like transformer_blocks.0.attn.to_q.weight, from a transformer/ "
+        "folder); use the BFL single file at the top of the model's Hugging Face repo instead (e.g. "
+        "flux2-dev.safetensors, flux-2-klein-base-4b.safetensors)"),
+    "diffusers_ae": (
+        "is a diffusers-layout autoencoder (a vae/ folder or ComfyUI's VAE file); use the BFL ae.safetensors "
+        "from the black-forest-labs/FLUX.2-dev repo instead"),
+    "unknown": "is not a FLUX.2 checkpoint (none of its keys look like a DiT, autoencoder, text encoder or LoRA)",
+}
+
+
+def _require_kind(shapes: ShapeTable, wanted: str, path: str | os.PathLike) -> None:
+    if not shapes:
+        raise CheckpointError(f"{path} holds no tensors; download it again")
+    kind = detect_checkpoint_kind(shapes)
+    if kind != wanted:
+        raise CheckpointError(f"{path} {_WRONG_KIND[kind]}")
+
+
+def dit_info_from_shapes(shapes: ShapeTable) -> DitInfo:
+    """DitInfo from prefix-stripped header shapes."""
+    def dim(key: str, axis: int) -> int | None:
+        return shapes[key][0][axis] if key in shapes and len(shapes[key][0]) > axis else None
+
+    def count(prefix: str) -> int:
+        found = [int(m.group(1)) for k in shapes if (m := re.match(rf"{prefix}\.(\d+)\.", k))]
+        return max(found) + 1 if found else 0
+
+    hidden = dim("img_in.weight", 0)
+    head_dim = dim("double_blocks.0.img_attn.norm.query_norm.scale", 0)
+    nbytes: dict[torch.dtype, int] = {}
+    for shape, dtype in shapes.values():
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes[dtype] = nbytes.get(dtype, 0) + numel * dtype.itemsize
+    return DitInfo(
+        hidden_size=hidden,
+        depth=count("double_blocks"),
+        depth_single_blocks=count("single_blocks"),
+        context_in_dim=dim("txt_in.weight", 1),
+        has_guidance_in=any(k.startswith("guidance_in.") for k in shapes),
+        num_heads=hidden // head_dim if hidden and head_dim else None,
+        dtype=max(nbytes, key=nbytes.get) if nbytes else None,
+    )
+
+
+def detect_variant_family(info: DitInfo) -> tuple[str, ...]:
+    """Names of the variants whose DiT has these dimensions, e.g. ('klein-4b', 'klein-base-4b'): distilled and
+    base files have the same shapes, so a file names a family, never one of its members."""
+    return tuple(name for name, v in VARIANTS.items()
+                 if (v.hidden_size, v.depth, v.depth_single_blocks, v.context_in_dim, v.use_guidance_embed)
+                 == (info.hidden_size, info.depth, info.depth_single_blocks, info.context_in_dim,
+                     info.has_guidance_in))
+
+
+@lru_cache(maxsize=None)
+def expected_dit_shapes(variant: Variant) -> dict[str, Shape]:
+    """Key -> shape of the variant's BFL state dict (from a model on the meta device: no memory used)."""
+    with torch.device("meta"):
+        model = Flux2Transformer(variant)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_keys(shapes: ShapeTable, expected: dict[str, Shape], what: str, path: str | os.PathLike,
+                optional: Iterable[str] = ()) -> None:
+    """Exactly the expected keys (`optional` ones may be absent or present), with the expected shapes."""
+    optional = set(optional)
+    missing = sorted(set(expected) - set(shapes) - optional)
+    unexpected = sorted(set(shapes) - set(expected) - optional)
+    if missing or unexpected:
+        parts = ([f"{len(missing)} missing ({_listing(missing)})"] if missing else []) + (
+            [f"{len(unexpected)} unexpected ({_listing(unexpected)})"] if unexpected else [])
+        raise CheckpointError(f"{path} does not have the keys of {what}: {'; '.join(parts)}. Use the complete, "
+                              "unmodified official file")
+    wrong = [f"{k} is {list(shapes[k][0])}, expected {list(expected[k])}"
+             for k in expected if k in shapes and tuple(shapes[k][0]) != tuple(expected[k])]
+    if wrong:
+        raise CheckpointError(f"{path} does not match {what}: {len(wrong)} tensors have other shapes: "
+                              f"{_listing(wrong, 3)}")
+    not_float = sorted(k for k, (_, dtype) in shapes.items() if k in expected and not dtype.is_floating_point
+                       and k not in optional)
+    if not_float:
+        raise CheckpointError(f"{path} stores weights as non-floating-point data ({_listing(not_float, 3)}): "
+                              "quantised formats other than plain fp8 are not supported; use the bf16 file")
+
+
+def check_dit_shapes(shapes: ShapeTable, variant: Variant | str, path: str | os.PathLike = "checkpoint"
+                     ) -> DitInfo:
+    """Check header shapes (file keys, prefix allowed) against `variant`'s DiT; CheckpointError if they differ."""
+    variant = _variant(variant)
+    key_map = strip_prefix(shapes, path)
+    shapes = {name: shapes[key] for name, key in key_map.items()}
+    _require_kind(shapes, "dit", path)
+    scaled = sorted(k for k in shapes if _SCALED_FP8.search(k))
+    if scaled:
+        raise CheckpointError(
+            f"{path} is a pre-quantised (scaled fp8) checkpoint ({_listing(scaled, 2)}), which is not supported: "
+            "use the official bf16 file and add --fp8_scaled to quantise it at load time")
+    info = dit_info_from_shapes(shapes)
+    v = variant
+    if (info.hidden_size, info.depth, info.depth_single_blocks, info.context_in_dim, info.has_guidance_in) != (
+            v.hidden_size, v.depth, v.depth_single_blocks, v.context_in_dim, v.use_guidance_embed):
+        expected = (f"hidden {v.hidden_size}, {v.depth} double / {v.depth_single_blocks} single blocks, "
+                    f"context {v.context_in_dim}")
+        found = info.describe()
+        if info.has_guidance_in != v.use_guidance_embed:
+            expected += ", guidance_in" if v.use_guidance_embed else ", no guidance_in"
+            found += ", guidance_in" if info.has_guidance_in else ", no guidance_in"
+        family = detect_variant_family(info)
+        if not family:
+            which, fix = "which matches no FLUX.2 variant", "; check that it is a complete official FLUX.2 DiT"
+        else:
+            which, fix = f"which is {' or '.join(family)}", f"; pass --model_version {family[0]}"
+            if len(family) > 1:
+                fix += f" (or {', '.join(family[1:])}: distilled and base files have the same shapes)"
+        raise CheckpointError(f"{path} does not fit --model_version {v.name}: expected {expected} ({v.name}); "
+                              f"found {found}, {which}{fix}")
+    _check_keys(shapes, expected_dit_shapes(variant), f"the FLUX.2 {variant.name} DiT", path)
+    return info
+
+
+def check_dit(path: str | os.PathLike, variant: Variant | str) -> DitInfo:
+    """Check a DiT file from its header alone (no tensor data is read); returns what it holds."""
+    return check_dit_shapes(tensor_shapes(path), variant, path)
+
+
+def inspect_dit(path: str | os.PathLike) -> DitInfo:
+    """The dimensions of the DiT in `path`, from the header alone (CheckpointError if it is not a DiT)."""
+    shapes = tensor_shapes(path)
+    key_map = strip_prefix(shapes, path)
+    shapes = {name: shapes[key] for name, key in key_map.items()}
+    _require_kind(shapes, "dit", path)
+    return dit_info_from_shapes(shapes)
+
+
+def load_dit(path: str | os.PathLike, variant: Variant | str, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.bfloat16, fp8_scaled: bool = False) -> Flux2Transformer:
+    """Load a BFL-format DiT file (or its ComfyUI-prefixed form), checked first, into a frozen eval model.
+
+    Every tensor is cast to `dtype` (norm scales included) and moved to `device` one at a time, then assigned to
+    a model built on the meta device with strict key checking, so memory holds a single copy. A file stored in
+    fp8 is upcast. With `fp8_scaled`, the Linear layers inside the blocks become block-wise fp8 (flux2.fp8): each
+    weight is quantised as it is read; an fp8 (e4m3fn) file's weights are kept exactly, with unit scales.
+    """
+    variant = _variant(variant)
+    shapes = tensor_shapes(path)
+    check_dit_shapes(shapes, variant, path)
+    key_map = strip_prefix(shapes, path)
+
+    with torch.device("meta"):
+        model = Flux2Transformer(variant)
+    if fp8_scaled:
+        quantize_linears(model, dit_block_linear)
+    fp8_modules = {name: m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
+
+    state: dict[str, torch.Tensor] = {}
+    file_keys = [key_map[k] for k in model.state_dict() if not k.endswith(".scale_weight")]
+    model_key = {file_key: name for name, file_key in key_map.items()}
+    for file_key, tensor in iter_tensors(path, file_keys):
+        name = model_key[file_key]
+        module_name = name.removesuffix(".weight")
+        tensor = tensor.to(device)
+        if module_name in fp8_modules:
+            if tensor.dtype == FP8_DTYPE:  # already e4m3fn: keep the values, scale 1 (exact)
+                values = tensor
+                scale = torch.ones(fp8_modules[module_name].scale_weight.shape, dtype=dtype, device=device)
+            else:
+                values, scale = quantize_blockwise(tensor.to(dtype))
+            state[name], state[f"{module_name}.scale_weight"] = values, scale
+        else:
+            state[name] = tensor.to(dtype)
+        del tensor
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.requires_grad_(False).eval()
+
+
+def save_dit(model: Flux2Transformer, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write the DiT as a BFL-format single file (atomically); fp8 layers are dequantised to their scale dtype.
+
+    The model must have exactly the BFL keys: merge LoRA weights into it first.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    fp8_modules = {name: m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    for name, tensor in model.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        if module_name in fp8_modules:
+            if leaf == "weight":
+                m = fp8_modules[module_name]
+                tensor = m.dequantized_weight(m.scale_weight.dtype)
+            elif leaf == "scale_weight":
+                continue
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    expected = expected_dit_shapes(model.variant)
+    extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+    if extra or missing:
+        raise ValueError(f"cannot save the DiT to {path} in the BFL layout: "
+                         + "; ".join(([f"extra keys {_listing(extra)} (merge LoRA layers first)"] if extra else [])
+                                     + ([f"missing keys {_listing(missing)}"] if missing else [])))
+    save_file_atomic(tensors, path, metadata)
+
+
+# ---------------------------------------------------------------- autoencoder
+
+AE_OPTIONAL_KEYS = ("bn.num_batches_tracked",)  # BFL's module has it; files with and without it exist
+
+
+@lru_cache(maxsize=None)
+def expected_ae_shapes(config: AutoEncoderConfig) -> dict[str, Shape]:
+    with torch.device("meta"):
+        model = AutoEncoder(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_ae_shapes(shapes: ShapeTable, variant: Variant | str, path: str | os.PathLike = "checkpoint") -> None:
+    """Check header shapes against the variant's autoencoder; CheckpointError if they differ."""
+    variant = _variant(variant)
+    _require_kind(shapes, "ae", path)
+    conv_out = shapes.get("encoder.conv_out.weight")
+    if "bn.running_mean" not in shapes and conv_out and conv_out[0][0] == 2 * 16:
+        raise CheckpointError(f"{path} looks like the FLUX.1 autoencoder (16 latent channels, no bn statistics); "
+                              "FLUX.2 needs its own ae.safetensors from the black-forest-labs/FLUX.2-dev repo")
+    if not _ae_fits(shapes, variant.ae):
+        owners = [name for name, v in VARIANTS.items() if _ae_fits(shapes, v.ae)]
+        if owners:
+            raise CheckpointError(f"{path} is the autoencoder of {', '.join(owners)}, which does not fit "
+                                  f"--model_version {variant.name}: pass the autoencoder of {variant.name}")
+    _check_keys(shapes, expected_ae_shapes(variant.ae), f"the FLUX.2 autoencoder of {variant.name}", path,
+                optional=AE_OPTIONAL_KEYS)
+
+
+def _ae_fits(shapes: ShapeTable, config: AutoEncoderConfig) -> bool:
+    expected = expected_ae_shapes(config)
+    keys = set(shapes) - set(AE_OPTIONAL_KEYS)
+    return keys == set(expected) - set(AE_OPTIONAL_KEYS) and all(shapes[k][0] == expected[k] for k in keys)
+
+
+def check_ae(path: str | os.PathLike, variant: Variant | str) -> None:
+    """Check an autoencoder file from its header alone."""
+    check_ae_shapes(tensor_shapes(path), variant, path)
+
+
+def load_ae(path: str | os.PathLike, variant: Variant | str, device: str | torch.device = "cpu",
+            dtype: torch.dtype = torch.float32) -> AutoEncoder:
+    """Load a BFL `ae.safetensors` (checked first; with or without bn.num_batches_tracked) into a frozen eval
+    model in `dtype`. The bn running statistics stay float32: they are tiny and set the latent scale."""
+    variant = _variant(variant)
+    shapes = tensor_shapes(path)
+    check_ae_shapes(shapes, variant, path)
+    with torch.device("meta"):
+        model = AutoEncoder(variant.ae)
+    state = {}
+    for name, tensor in iter_tensors(path):
+        if not tensor.is_floating_point():
+            state[name] = tensor.to(device)
+        else:
+            state[name] = tensor.to(device).to(torch.float32 if name.startswith("bn.") else dtype)
+    state.setdefault("bn.num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
+    model.load_bfl_state_dict(state, strict=True, assign=True)
+    return model.requires_grad_(False).eval()
