@@ -23,6 +23,7 @@ from flux2.variants import Variant, get_variant
 
 ONE_REF_MAX_AREA = 2024 * 2024  # BFL: a single reference image may be up to ~4 MP
 MANY_REF_MAX_AREA = 1024 * 1024  # each of several references
+MIN_REF_SIDE, MAX_REF_ASPECT = 64, 8  # BFL's and diffusers' limits for reference images
 
 
 @dataclass
@@ -83,6 +84,9 @@ def prepare_control_images(paths: list[str], no_resize: bool, multiple: int = 16
     out = []
     for p in paths:
         im = images.open_rgb(p)
+        if min(im.size) < MIN_REF_SIDE or max(im.size) > MAX_REF_ASPECT * min(im.size):
+            raise ValueError(f"{p}: reference image {im.width}x{im.height} must have both sides at least "
+                             f"{MIN_REF_SIDE} px and an aspect ratio of at most {MAX_REF_ASPECT}:1")
         w, h = images.fit_area(im.width, im.height, limit, multiple)
         out.append(images.to_tensor(images.resize_cover_crop(im, w, h))[None])
     return out
@@ -104,6 +108,8 @@ def generate(opts: GenerateOptions) -> list[Path]:
     seed = opts.seed if opts.seed is not None else random.randint(0, 2**32 - 1)
     cfg = use_cfg(variant, guidance_scale)
 
+    # Inputs are checked before any model loads, so a bad file fails in a second, not after minutes.
+    ref_pixels = prepare_control_images(opts.control_image_path, opts.no_resize_control, variant.ae.downscale)
     t0 = time.perf_counter()
     te = load_text_encoder(opts.text_encoder, variant, tokenizer=opts.tokenizer, device=device,
                            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -116,10 +122,9 @@ def generate(opts: GenerateOptions) -> list[Path]:
     ae = load_ae(opts.vae, variant, device=device, dtype=torch.float32)
     cond = sampling.Conditioning(ctx=ctx, neg_ctx=neg_ctx, cfg_scale=guidance_scale if cfg else None,
                                  guidance=opts.embedded_cfg_scale if variant.use_guidance_embed else None)
-    if opts.control_image_path:
+    if ref_pixels:
         with torch.no_grad():
-            refs = [ae.encode(x.to(device)) for x in prepare_control_images(
-                opts.control_image_path, opts.no_resize_control, variant.ae.downscale)]
+            refs = [ae.encode(x.to(device)) for x in ref_pixels]
         cond.ref_tokens, cond.ref_ids = sampling.reference_tokens(refs)
 
     dit = load_dit_for(opts, variant, device, dtype)

@@ -209,10 +209,13 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         raise FileNotFoundError(errno.ENOENT, f"could not write {path}: folder {path.parent} does not exist")
     tmp_name = None
     try:
-        # A fresh name beside the target (same file system, so the rename is atomic); created by save_file
-        # with the usual permissions, unlike mkstemp's 0600.
+        # A fresh name beside the target (same file system, so the rename is atomic).
         tmp_name = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
         save_file(tensors, tmp_name, metadata=metadata)
+        # safetensors itself writes through mkstemp (mode 0600): give the file the usual umask permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
         with open(tmp_name, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
