@@ -1,0 +1,333 @@
+"""Dataset sources -> entries: what each source says its items are, before any image is opened.
+
+A source is a folder of images with caption files (`image_directory`) or a manifest (`manifest` /
+musubi-tuner's `image_jsonl_file`: JSONL, CSV or Parquet with `image_path`, `caption` and optional
+`control_path` or `control_path_0`, `control_path_1`, ...). A `control_directory` adds controls matched by file
+stem: `name.*` (one), or `name_0.*`, `name_1.*`, ... (several; `name_0000` also works).
+A musubi-tuner dataset TOML (`[general]` + `[[datasets]]`) becomes the same SourceParams.
+
+Problems visible from the listing alone (a manifest path outside its root, a missing file, no matching
+control) are recorded on the entry with a reason code; `flux2.ingest` opens the files and finds the rest.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flux2.params import DatasetParams, ParamsError, SourceParams, parse_params
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+MANIFEST_EXTENSIONS = (".jsonl", ".csv", ".parquet")
+
+# musubi-tuner's dataset TOML: the keys ingest uses, their musubi defaults, and musubi keys that other stages
+# (or nobody, for FLUX.2 images) care about. Dataset values override [general].
+MUSUBI_KEYS = ("image_directory", "image_jsonl_file", "control_directory", "resolution", "enable_bucket",
+               "bucket_no_upscale", "num_repeats", "caption_extension")
+MUSUBI_DEFAULTS = {"resolution": [960, 544], "enable_bucket": False, "bucket_no_upscale": False,
+                   "num_repeats": 1, "caption_extension": ".txt"}
+MUSUBI_IGNORED = frozenset({
+    "batch_size", "cache_directory", "skip_corrupted_cache", "debug_dataset", "multiple_target",
+    "no_resize_control", "control_resolution", "fp_latent_window_size", "fp_1f_clean_indices",
+    "fp_1f_target_index", "fp_1f_no_post", "flux_kontext_no_resize_control", "qwen_image_edit_no_resize_control",
+    "qwen_image_edit_control_resolution"})
+MUSUBI_VIDEO_KEYS = ("video_directory", "video_jsonl_file")
+
+
+class DatasetError(ValueError):
+    """A source that cannot be listed at all (missing folder, unreadable manifest, bad TOML)."""
+
+
+@dataclass
+class Entry:
+    """One candidate item as its source describes it."""
+
+    source: int  # index into the list of sources
+    image: Path  # absolute
+    caption: str | None = None  # a manifest's caption text (None: the row has none)
+    caption_file: Path | None = None  # a folder's caption file, `<stem><caption_extension>`
+    controls: list[Path] = field(default_factory=list)
+    problem: tuple[str, str] | None = None  # (reason code, detail) found while listing
+    where: str = ""  # "manifest.jsonl row 3" for manifest rows, for messages
+
+
+def load_musubi_toml(path: str | Path, verbose: bool = True) -> list[SourceParams]:
+    """A musubi-tuner dataset config (`.toml`, or its `.json` form) as SourceParams, paths made absolute.
+
+    Relative paths are looked up beside the TOML first, then (musubi-tuner's convention) in the current folder.
+    Keys ingest does not use (batch_size, cache_directory, ...) are accepted and named in one info line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: dataset config not found")
+    try:
+        if path.suffix.lower() == ".json":
+            config = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            config = _toml_module().loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not a valid dataset config ({e})") from None
+    general = config.get("general", {})
+    datasets = config.get("datasets", [])
+    if not isinstance(general, dict) or not isinstance(datasets, list) or not all(
+            isinstance(d, dict) for d in datasets):
+        raise DatasetError(f"{path}: expected a [general] table and [[datasets]] tables")
+    if not datasets:
+        raise DatasetError(f"{path}: no [[datasets]]; add at least one with image_directory or image_jsonl_file")
+    other = sorted(set(config) - {"general", "datasets"})
+    ignored: set[str] = set(other)
+    sources = []
+    for i, d in enumerate(datasets):
+        where = f"{path}: [[datasets]][{i}]"
+        video = [k for k in MUSUBI_VIDEO_KEYS if k in d]
+        if video:
+            raise DatasetError(f"{where}: {video[0]} is a video dataset; FLUX.2 LoRA training uses image datasets "
+                               f"(image_directory or image_jsonl_file)")
+        merged = {**MUSUBI_DEFAULTS, **general, **d}
+        for key in merged:
+            if key in MUSUBI_KEYS:
+                continue
+            near = difflib.get_close_matches(key, MUSUBI_KEYS, n=1, cutoff=0.85)
+            if near and key not in MUSUBI_IGNORED:
+                raise DatasetError(f"{where}: unknown key {key!r}; did you mean {near[0]}?")
+            ignored.add(key)
+        values = {k: v for k, v in merged.items() if k in MUSUBI_KEYS}
+        if isinstance(values.get("resolution"), list) and len(values["resolution"]) == 1:
+            values["resolution"] = values["resolution"][0]
+        for key in ("image_directory", "image_jsonl_file", "control_directory"):
+            if isinstance(values.get(key), str):
+                values[key] = str(_toml_path(values[key], path.parent))
+        sources.append(values)
+    try:
+        params = parse_params({"dataset": {"sources": sources}}, str(path))
+    except ParamsError as e:
+        raise DatasetError(str(e).replace("dataset.sources[", "[[datasets]][")) from None
+    if ignored and verbose:
+        print(f"{path}: ignoring keys that ingest does not use: {', '.join(sorted(ignored))}")
+    return params.dataset.sources
+
+
+def _toml_module():
+    try:
+        import tomllib  # Python 3.11+
+    except ImportError:
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise DatasetError("reading a TOML dataset config needs Python 3.11+ or `pip install tomli`") from None
+    return tomllib
+
+
+def _toml_path(value: str, toml_dir: Path) -> Path:
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return p
+    beside = toml_dir / p
+    if beside.exists() or not p.exists():
+        return beside.absolute()
+    return p.absolute()  # musubi-tuner resolves against the current folder
+
+
+def collect_sources(dataset: DatasetParams, base: str | Path = ".", verbose: bool = True) -> list[SourceParams]:
+    """The sources of `dataset` (`sources`, then the musubi TOML's), with every path absolute.
+
+    Relative paths are relative to `base` (the folder of params.yaml).
+    """
+    base = Path(base).absolute()
+    sources = [_absolute(s, base) for s in dataset.sources]
+    if dataset.toml:
+        sources += load_musubi_toml(base / dataset.toml, verbose=verbose)
+    if not sources:
+        raise DatasetError("no dataset sources: list dataset.sources in params.yaml or set dataset.toml")
+    return sources
+
+
+def _absolute(source: SourceParams, base: Path) -> SourceParams:
+    changes = {}
+    for key in ("image_directory", "manifest", "image_jsonl_file", "control_directory", "root"):
+        value = getattr(source, key)
+        if value is not None:
+            changes[key] = str((base / Path(value).expanduser()).absolute())
+    return dataclasses.replace(source, **changes)
+
+
+def describe(source: SourceParams) -> str:
+    """`folder PATH` or `manifest PATH`, for messages."""
+    if source.image_directory:
+        return f"folder {source.image_directory}"
+    return f"manifest {source.manifest or source.image_jsonl_file}"
+
+
+def list_entries(source: SourceParams, index: int) -> list[Entry]:
+    """Every candidate item of one source (paths absolute), in a stable order."""
+    controls = _control_index(Path(source.control_directory)) if source.control_directory else None
+    if source.image_directory:
+        entries = _list_folder(source, index)
+    else:
+        entries = _list_manifest(source, index)
+    if controls is not None:
+        for entry in entries:
+            if entry.problem is None and not entry.controls:
+                entry.controls = match_controls(entry.image.stem, controls)
+                if not entry.controls:
+                    entry.problem = ("control_missing", f"no {entry.image.stem}.* or {entry.image.stem}_0.* in "
+                                                        f"{source.control_directory}")
+    return entries
+
+
+def _list_folder(source: SourceParams, index: int) -> list[Entry]:
+    folder = Path(source.image_directory)
+    if not folder.is_dir():
+        raise DatasetError(f"image_directory {folder}: not a folder")
+    entries = []
+    for p in sorted(folder.iterdir()):
+        # Hidden files are skipped: macOS "._name.jpg" resource forks are not images.
+        if p.suffix.lower() not in IMAGE_EXTENSIONS or p.name.startswith(".") or p.is_dir():
+            continue
+        entry = Entry(index, p, caption_file=folder / f"{p.stem}{source.caption_extension}")
+        if not p.exists():
+            entry.problem = ("image_missing", "broken link")
+        entries.append(entry)
+    return entries
+
+
+def _list_manifest(source: SourceParams, index: int) -> list[Entry]:
+    manifest = Path(source.manifest or source.image_jsonl_file)
+    root = Path(source.root) if source.root else manifest.parent
+    if not root.is_dir():
+        raise DatasetError(f"root {root} (for manifest {manifest}): not a folder")
+    root = root.resolve()
+    entries = []
+    for row_number, row in read_manifest_rows(manifest):
+        where = f"{manifest.name} row {row_number}"
+        image = row.get("image_path")
+        entry = Entry(index, Path(str(image or "")), where=where)
+        entries.append(entry)
+        if not isinstance(image, str) or not image.strip():
+            entry.problem = ("image_missing", f"{where}: no image_path")
+            continue
+        entry.image, entry.problem = _manifest_path(image, manifest.parent, root, "image", where)
+        if entry.problem:
+            continue
+        caption = row.get("caption")
+        if caption is not None and not isinstance(caption, str):
+            entry.problem = ("caption_missing", f"{where}: caption is {caption!r}, expected text")
+            continue
+        entry.caption = caption
+        if caption is None:
+            entry.problem = ("caption_missing", f"{where}: no caption")
+            continue
+        for value in _control_values(row):
+            path, problem = _manifest_path(value, manifest.parent, root, "control", where)
+            if problem:
+                entry.problem = problem
+                break
+            entry.controls.append(path)
+    return entries
+
+
+def _manifest_path(value: str, folder: Path, root: Path, what: str, where: str) -> tuple[Path, tuple | None]:
+    """A manifest path made absolute (relative to the manifest's folder; `..` removed, links kept as named), and
+    checked, with every link resolved, to lie inside `root`."""
+    path = Path(os.path.normpath(folder / Path(value).expanduser()))
+    real = path.resolve()
+    if not real.is_relative_to(root):
+        return path, ("path_outside_root", f"{where}: {what} {value} resolves to {real}, outside the dataset root "
+                                           f"{root}; move it inside or set the source's root")
+    if not real.is_file():
+        reason = "image_missing" if what == "image" else "control_missing"
+        return path, (reason, f"{where}: {what} {value} does not exist")
+    return path, None
+
+
+def _control_values(row: dict[str, Any]) -> list[str]:
+    """`control_path`, then `control_path_0`, `control_path_1`, ... in numeric order; empty values skipped."""
+    numbered = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in row.items() if re.fullmatch(r"control_path_\d+", k))
+    values = [row.get("control_path")] + [v for _, v in numbered]
+    out = []
+    for v in values:
+        for one in (v if isinstance(v, list) else [v]):
+            if isinstance(one, str) and one.strip():
+                out.append(one)
+    return out
+
+
+def read_manifest_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(row number from 1, row) for each row of a JSONL, CSV or Parquet manifest that has an `image_path` column."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"manifest {path}: not found")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError kinds
+            raise DatasetError(f"manifest {path}: not a readable Parquet file ({e})") from None
+        columns, rows = table.column_names, table.to_pylist()
+    elif suffix in (".jsonl", ".csv"):
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"manifest {path}: not UTF-8 text ({e}); save it as UTF-8") from None
+        if suffix == ".csv":
+            reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted captions may span lines
+            columns, rows = list(reader.fieldnames or []), list(reader)
+        else:
+            columns, rows = _parse_jsonl(text, path)
+    else:
+        raise DatasetError(f"manifest {path}: unknown format; expected {', '.join(MANIFEST_EXTENSIONS)}")
+    if "image_path" not in columns:
+        raise DatasetError(f"manifest {path}: no image_path column (found: {', '.join(map(str, columns)) or 'none'})")
+    return list(enumerate(rows, start=1))
+
+
+def _parse_jsonl(text: str, path: Path) -> tuple[list[str], list[dict]]:
+    rows, columns = [], {}
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DatasetError(f"manifest {path}:{line_number}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise DatasetError(f"manifest {path}:{line_number}: expected an object like "
+                               f'{{"image_path": ..., "caption": ...}}, got {type(row).__name__}')
+        rows.append(row)
+        columns.update(dict.fromkeys(row))
+    # An empty file has no columns but also no rows; let it through so that it counts as "nothing found".
+    return (list(columns) if rows else ["image_path"]), rows
+
+
+def _control_index(folder: Path) -> tuple[dict[str, list[Path]], dict[str, list[tuple[int, Path]]]]:
+    """Control images by exact stem, and numbered ones (`stem_N`) by base stem."""
+    if not folder.is_dir():
+        raise DatasetError(f"control_directory {folder}: not a folder")
+    exact: dict[str, list[Path]] = {}
+    numbered: dict[str, list[tuple[int, Path]]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in IMAGE_EXTENSIONS or p.name.startswith(".") or p.is_dir():
+            continue
+        exact.setdefault(p.stem, []).append(p)
+        m = re.fullmatch(r"(.+)_(\d+)", p.stem)
+        if m:
+            numbered.setdefault(m.group(1), []).append((int(m.group(2)), p))
+    return exact, numbered
+
+
+def match_controls(stem: str, index: tuple[dict[str, list[Path]], dict[str, list[tuple[int, Path]]]]) -> list[Path]:
+    """The controls of the image named `stem`: `stem.*` if there is one, else `stem_0.*`, `stem_1.*`, ... in
+    numeric order (`stem_0000` too); [] when none match."""
+    exact, numbered = index
+    if stem in exact:
+        return exact[stem][:1]  # sorted, so `stem.jpg` before `stem.png` if both exist
+    return [p for _, p in sorted(numbered.get(stem, []))]
