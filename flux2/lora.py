@@ -1,0 +1,413 @@
+"""LoRA for the FLUX.2 DiT: the trainable network, its kohya-form file, and applying LoRA files at inference.
+
+A `LoRAModule` adds `multiplier * (alpha / rank) * up(down(x))` to the output of one Linear (nn.Linear or
+fp8.Fp8Linear) through a forward hook, so the DiT's modules and state_dict keys never change and the update
+can be detached again (`remove()`) or folded into the weights (`merge_into`).
+
+Which modules `create_network` targets (patterns are `re.fullmatch`ed against dotted module paths such as
+`double_blocks.0.img_attn.qkv`, `single_blocks.3.linear1`, `img_in`, `final_layer.linear`):
+- by default every Linear inside `double_blocks` and `single_blocks` (klein-4b 80, klein-9b 112, dev 160);
+- minus those matching an `exclude_patterns` entry, unless they also match an `include_patterns` entry;
+- plus any other Linear matching an `include_patterns` entry (e.g. `img_in`, `txt_in`, `final_layer.linear`).
+  To train only some modules, exclude everything and include those: exclude `.*`, include `single_blocks.*`.
+Norms are never targeted (they are not Linear layers). Imports only torch and our modules.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flux2.fp8 import Fp8Linear, quantize_blockwise
+from flux2.loading import expected_dit_shapes
+from flux2.lora_formats import LoRA, check_finite, detect_format, kohya_name, read_lora
+from flux2.safetensors_io import load_file, save_file_atomic
+from flux2.variants import VARIANTS, Variant
+
+LINEAR_TYPES = (nn.Linear, Fp8Linear)
+BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
+NETWORK_MODULE = "flux2.lora"
+IMPLEMENTATION = "https://github.com/black-forest-labs/flux2"
+# Variant.arch -> the modelspec architecture name (`<name>/lora` in a LoRA file).
+MODELSPEC_ARCHITECTURES = {"flux_2_dev": "Flux.2-dev", "flux_2_klein_4b": "Flux.2-klein-4b",
+                           "flux_2_klein_9b": "Flux.2-klein-9b", "flux_2_tiny": "Flux.2-tiny"}
+
+
+def _listing(items: list[str], n: int = 10) -> str:
+    shown = ", ".join(items[:n])
+    return shown if len(items) <= n else f"{shown} (and {len(items) - n} more)"
+
+
+class LoRAModule(nn.Module):
+    """The low-rank update of one Linear: out += multiplier * (alpha / rank) * lora_up(lora_down(x)).
+
+    Computed in the LoRA's dtype (often float32 beside a bf16 DiT); the sum is cast back to the output dtype.
+    In training mode: `dropout` on the down output, `rank_dropout` drops whole rank channels per sample (the
+    rest rescaled), `module_dropout` skips the whole update for a step."""
+
+    def __init__(self, path: str, in_features: int, out_features: int, rank: int, alpha: float,
+                 multiplier: float = 1.0, dropout: float = 0.0, rank_dropout: float = 0.0,
+                 module_dropout: float = 0.0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        for name, p in (("dropout", dropout), ("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"LoRA {name} must be in [0, 1), got {p}")
+        self.path = path
+        self.rank = rank
+        self.lora_down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.lora_up = nn.Linear(rank, out_features, bias=False, dtype=dtype, device=device)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)  # the network starts as the identity
+        # The buffer puts `.alpha` into the state_dict (the kohya key); the float is for arithmetic.
+        self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32, device=device))
+        self.alpha_value = float(alpha)
+        self.scale = float(alpha) / rank
+        self.multiplier = multiplier
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self._hook = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The update multiplier * scale * up(down(x)), in the LoRA's dtype."""
+        h = self.lora_down(x.to(self.lora_down.weight.dtype))
+        scale = self.multiplier * self.scale
+        if self.training and self.dropout:
+            h = F.dropout(h, p=self.dropout)
+        if self.training and self.rank_dropout:
+            keep = torch.rand((h.shape[0],) + (1,) * (h.ndim - 2) + (self.rank,), device=h.device)
+            h = h * (keep > self.rank_dropout).to(h.dtype)
+            scale = scale / (1.0 - self.rank_dropout)
+        return self.lora_up(h) * scale
+
+    def _add_update(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        if self.training and self.module_dropout and torch.rand(()).item() < self.module_dropout:
+            return output
+        update = self(inputs[0])
+        return (output.to(update.dtype) + update).to(output.dtype)
+
+    def attach(self, target: nn.Module) -> None:
+        """Add this update to `target`'s output (a forward hook; the target is not changed)."""
+        if not isinstance(target, LINEAR_TYPES):
+            raise ValueError(f"LoRA for {self.path}: the DiT module there is a {type(target).__name__}, not a Linear")
+        shape, ours = (target.out_features, target.in_features), (self.lora_up.out_features,
+                                                                  self.lora_down.in_features)
+        if shape != ours:
+            raise ValueError(f"LoRA for {self.path} changes a {ours[0]}x{ours[1]} weight but the DiT's is "
+                             f"{shape[0]}x{shape[1]}: the LoRA is for another variant")
+        self.remove()
+        self._hook = target.register_forward_hook(self._add_update)
+
+    def remove(self) -> None:
+        """Detach from the Linear (no-op when not attached)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @property
+    def attached(self) -> bool:
+        return self._hook is not None
+
+    def weight_delta(self) -> Tensor:
+        """scale * up @ down in float32 (multiplier not applied): the change to the Linear's weight."""
+        return self.scale * (self.lora_up.weight.float() @ self.lora_down.weight.float())
+
+
+def linear_modules(dit: nn.Module) -> dict[str, nn.Module]:
+    """Dotted path -> module for every Linear (nn.Linear or Fp8Linear) of the DiT."""
+    return {name: m for name, m in dit.named_modules() if isinstance(m, LINEAR_TYPES)}
+
+
+def _compile(patterns: Iterable[str], what: str) -> list[re.Pattern]:
+    compiled = []
+    for p in patterns:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(f"LoRA {what} pattern {p!r} is not a valid regular expression: {e}") from None
+    return compiled
+
+
+def target_modules(dit: nn.Module, include_patterns: Iterable[str] = (), exclude_patterns: Iterable[str] = (),
+                   ) -> dict[str, nn.Module]:
+    """The Linears a LoRA network trains (the rule is in the module docstring), in model order.
+
+    Every pattern must match at least one Linear, so a typo fails loudly instead of training the wrong set."""
+    linears = linear_modules(dit)
+    include = _compile(include_patterns, "include")
+    exclude = _compile(exclude_patterns, "exclude")
+    for p in include + exclude:
+        if not any(p.fullmatch(path) for path in linears):
+            raise ValueError(f"LoRA pattern {p.pattern!r} matches no Linear of the DiT; patterns are fully matched "
+                             "against module paths such as double_blocks.0.img_attn.qkv, single_blocks.3.linear1, "
+                             "img_in, txt_in, final_layer.linear (use .* for 'anything')")
+
+    def selected(path: str) -> bool:
+        if any(p.fullmatch(path) for p in include):
+            return True
+        return path.startswith(BLOCK_PREFIXES) and not any(p.fullmatch(path) for p in exclude)
+
+    targets = {path: m for path, m in linears.items() if selected(path)}
+    if not targets:
+        raise ValueError("the LoRA include/exclude patterns leave no module to train")
+    return targets
+
+
+class LoRANetwork(nn.Module):
+    """A set of LoRAModules for one DiT. Its state_dict is the kohya form (`lora_unet_<path>.lora_down.weight`,
+    `.lora_up.weight`, `.alpha`), as ComfyUI, musubi-tuner and diffusers read it."""
+
+    def __init__(self, variant: Variant, modules: Iterable[LoRAModule], origin: str = ""):
+        super().__init__()
+        self.variant = variant
+        self.origin = origin  # the file it was loaded from, if any
+        for m in modules:
+            self.add_module(kohya_name(m.path), m)
+
+    @property
+    def lora_modules(self) -> list[LoRAModule]:
+        return [m for m in self.children() if isinstance(m, LoRAModule)]
+
+    def apply_to(self, dit: nn.Module) -> None:
+        """Attach every module to its Linear of `dit` (forward hooks; `dit` and its keys do not change)."""
+        for m in self.lora_modules:
+            m.attach(dit.get_submodule(m.path))
+
+    def remove(self) -> None:
+        """Detach from the DiT: its outputs are the base model's again."""
+        for m in self.lora_modules:
+            m.remove()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for m in self.lora_modules:
+            m.multiplier = multiplier
+
+    @torch.no_grad()
+    def merge_into(self, dit: nn.Module, multiplier: float = 1.0) -> None:
+        """W += multiplier * scale * up @ down for every module (float32, cast back; an Fp8Linear is
+        dequantised, updated and quantised again). Detaches the hooks first: the update now lives in W."""
+        self.remove()
+        for m in self.lora_modules:
+            add_to_weight(dit.get_submodule(m.path), multiplier * m.weight_delta())
+
+    def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The kohya-form tensors on the CPU; matrices in `dtype` if given, alphas always float32 scalars."""
+        out = {}
+        for key, value in self.state_dict().items():
+            value = value.detach().to("cpu")
+            if key.endswith(".alpha"):
+                value = value.float()
+            elif dtype is not None:
+                value = value.to(dtype)
+            out[key] = value.contiguous()
+        return out
+
+    def file_metadata(self) -> dict[str, str]:
+        """The metadata that describes this network in a saved file (kohya `ss_*` and modelspec keys)."""
+        arch = self.variant.arch
+        meta = {"ss_network_module": NETWORK_MODULE, "ss_base_model_version": arch,
+                "modelspec.sai_model_spec": "1.0.0",
+                "modelspec.architecture": MODELSPEC_ARCHITECTURES.get(arch, f"Flux.2-{self.variant.name}") + "/lora",
+                "modelspec.implementation": IMPLEMENTATION}
+        ranks = {m.rank for m in self.lora_modules}
+        alphas = {m.alpha_value for m in self.lora_modules}
+        if len(ranks) == 1:
+            meta["ss_network_dim"] = str(ranks.pop())
+        if len(alphas) == 1:
+            meta["ss_network_alpha"] = str(alphas.pop())
+        return meta
+
+    def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None,
+             dtype: torch.dtype | None = None) -> None:
+        """Write the kohya-form file atomically. `metadata` (training parameters, data hash, commit, ...) is
+        stored too; the keys of `file_metadata()` always describe the network itself. Non-finite values are
+        refused and leave no file."""
+        metadata = dict(metadata or {})
+        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"LoRA metadata must map strings to strings; convert these entries with str(): "
+                             f"{_listing([repr(k) for k in bad])}")
+        tensors = self.kohya_state_dict(dtype)
+        check_finite(tensors, path)
+        save_file_atomic(tensors, path, {**metadata, **self.file_metadata()})
+
+    def load_weights(self, source: str | os.PathLike | dict[str, Tensor]) -> None:
+        """Load weights saved by `save` into this network (to resume training). Strict: the same modules,
+        shapes and alphas, else a ValueError saying what differs."""
+        origin = "<state dict>" if isinstance(source, dict) else str(source)
+        sd = source if isinstance(source, dict) else load_file(source)
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        if missing or unexpected:
+            hint = ""
+            if unexpected and not any(k.startswith("lora_unet_") for k in sd):
+                hint = (f" The file is in the {detect_format(sd, origin)} layout; resuming needs the kohya layout "
+                        "that training saves (flux2 convert-lora --target kohya).")
+            problems = [f"{what} {len(keys)} tensors ({_listing(keys)})"
+                        for what, keys in (("it lacks", missing), ("it has unexpected", unexpected)) if keys]
+            raise ValueError(f"{origin} does not fit this LoRA network: {'; '.join(problems)}. Resume with the "
+                             f"same variant, rank and include/exclude patterns it was trained with.{hint}")
+        shapes = [f"{k}: file {tuple(sd[k].shape)}, network {tuple(v.shape)}" for k, v in expected.items()
+                  if tuple(sd[k].shape) != tuple(v.shape)]
+        if shapes:
+            raise ValueError(f"{origin} does not fit this LoRA network (another rank or variant?): {_listing(shapes)}")
+        alphas = [f"{m.path}: file {float(sd[k]):g}, network {m.alpha_value:g}"
+                  for k in expected if k.endswith(".alpha")
+                  for m in [self.get_submodule(k.removesuffix(".alpha"))] if float(sd[k]) != m.alpha_value]
+        if alphas:
+            raise ValueError(f"{origin} was trained with another network_alpha: {_listing(alphas)}; resume with "
+                             "the alpha it was trained with")
+        self.load_state_dict({k: sd[k] for k in expected}, strict=True)
+
+
+def create_network(dit: nn.Module, rank: int, alpha: float | None = 1.0, include_patterns: Iterable[str] = (),
+                   exclude_patterns: Iterable[str] = (), dropout: float = 0.0, rank_dropout: float = 0.0,
+                   module_dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> LoRANetwork:
+    """A new LoRA network for `dit` (not attached yet: call `apply_to`). scale = alpha / rank; alpha None or 0
+    means alpha = rank (scale 1), as in kohya's trainers. The modules live on the device of their Linear."""
+    if alpha is None or alpha == 0:
+        alpha = float(rank)
+    if alpha < 0:
+        raise ValueError(f"LoRA alpha must be positive, got {alpha}")
+    modules = [LoRAModule(path, m.in_features, m.out_features, rank, alpha, dropout=dropout,
+                          rank_dropout=rank_dropout, module_dropout=module_dropout, dtype=dtype,
+                          device=m.weight.device)
+               for path, m in target_modules(dit, include_patterns, exclude_patterns).items()]
+    return LoRANetwork(dit.variant, modules)
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+@torch.no_grad()
+def add_to_weight(target: nn.Module, delta: Tensor) -> None:
+    """W += delta, computed in float32 and stored back in W's format (an Fp8Linear is re-quantised with its
+    block size)."""
+    if isinstance(target, Fp8Linear):
+        block_size = target.in_features // target.scale_weight.shape[1]
+        weight = target.dequantized_weight(torch.float32) + delta.to(target.weight.device, torch.float32)
+        values, scale = quantize_blockwise(weight, block_size)
+        target.weight.copy_(values)
+        target.scale_weight.copy_(scale)
+    elif isinstance(target, nn.Linear):
+        target.weight.copy_(target.weight.float() + delta.to(target.weight.device, torch.float32))
+    else:
+        raise ValueError(f"cannot merge a LoRA into a {type(target).__name__}; only Linear layers take LoRAs")
+
+
+# ---------------------------------------------------------------------------------------------- inference
+
+def _fitting_variants(lora: LoRA) -> str:
+    """Which variants every module of `lora` fits by shape, e.g. 'flux_2_klein_4b (klein-4b, klein-base-4b)'."""
+    by_arch: dict[str, list[str]] = {}
+    for name, variant in VARIANTS.items():
+        shapes = expected_dit_shapes(variant)
+        if all(shapes.get(f"{path}.weight") == (w.up.shape[0], w.down.shape[1]) for path, w in lora.modules.items()):
+            by_arch.setdefault(variant.arch, []).append(name)
+    return "; ".join(f"{arch} ({', '.join(names)})" for arch, names in by_arch.items())
+
+
+def _made_for(lora: LoRA) -> str:
+    """A sentence saying which model the LoRA looks made for, from its shapes and its metadata."""
+    fits = _fitting_variants(lora)
+    text = (f" By its shapes it looks made for {fits}." if fits
+            else " Its shapes fit no FLUX.2 variant (a LoRA for FLUX.1 or another model?).")
+    base = lora.metadata.get("ss_base_model_version") or lora.metadata.get("modelspec.architecture")
+    if base:
+        text += f" Its metadata says it was trained on {base}."
+    return text
+
+
+def network_from_lora(dit: nn.Module, lora: LoRA, multiplier: float = 1.0) -> LoRANetwork:
+    """A (frozen) LoRANetwork holding `lora`'s weights, sized for `dit`; errors name the file, the modules
+    that do not fit and the variant the LoRA looks made for."""
+    variant = dit.variant
+    linears = linear_modules(dit)
+    unmatched = [f"{w.source or path}" for path, w in lora.modules.items() if path not in linears]
+    if unmatched:
+        raise ValueError(f"{lora.origin}: {len(unmatched)} of its {len(lora.modules)} LoRA modules match no module "
+                         f"of the {variant.name} DiT: {_listing(unmatched)}.{_made_for(lora)} Use the LoRA with the "
+                         "model it was trained for.")
+    wrong = []
+    for path, w in lora.modules.items():
+        model = (linears[path].out_features, linears[path].in_features)
+        theirs = (w.up.shape[0], w.down.shape[1])
+        if model != theirs:
+            wrong.append(f"{path} (model {model[0]}x{model[1]}, LoRA {theirs[0]}x{theirs[1]})")
+    if wrong:
+        raise ValueError(f"{lora.origin} does not fit the {variant.name} DiT ({variant.arch}): {len(wrong)} of its "
+                         f"{len(lora.modules)} modules have other shapes: {_listing(wrong, 3)}.{_made_for(lora)} Use "
+                         "the LoRA with the model it was trained for.")
+    modules = []
+    for path, w in lora.modules.items():
+        m = LoRAModule(path, w.down.shape[1], w.up.shape[0], w.rank, w.alpha, multiplier=multiplier,
+                       device=linears[path].weight.device)
+        with torch.no_grad():
+            m.lora_down.weight.copy_(w.down)
+            m.lora_up.weight.copy_(w.up)
+        modules.append(m)
+    network = LoRANetwork(variant, modules, origin=lora.origin)
+    return network.requires_grad_(False).eval()
+
+
+def filter_lora(lora: LoRA, include: str | None = None, exclude: str | None = None) -> LoRA:
+    """Keep the modules whose BFL path or name in the file `re.search`es `include` (all when None), then drop
+    those that match `exclude`."""
+    def hit(pattern: str, path: str) -> bool:
+        return bool(re.search(pattern, path) or re.search(pattern, lora.modules[path].source))
+
+    kept = {p: w for p, w in lora.modules.items()
+            if (include is None or hit(include, p)) and not (exclude is not None and hit(exclude, p))}
+    if not kept:
+        raise ValueError(f"{lora.origin}: the include/exclude patterns ({include!r}, {exclude!r}) leave none of its "
+                         f"{len(lora.modules)} modules (e.g. {next(iter(lora.modules), '')})")
+    return LoRA(kept, lora.metadata, lora.format, lora.origin)
+
+
+def _per_file(value, n: int, what: str) -> list:
+    """One entry per LoRA file: None -> all None, a single value -> repeated, a list -> checked length."""
+    if value is None or isinstance(value, (str, int, float)):
+        return [value] * n
+    value = list(value)
+    if len(value) != n:
+        raise ValueError(f"got {len(value)} {what} for {n} LoRA files; give one per file (or a single one for all)")
+    return value
+
+
+def apply_loras(dit: nn.Module, lora_paths: Sequence[str | os.PathLike], multipliers: Sequence[float] | float = 1.0,
+                include_patterns: Sequence[str | None] | str | None = None,
+                exclude_patterns: Sequence[str | None] | str | None = None,
+                merge: bool = True) -> list[LoRANetwork]:
+    """Apply LoRA files (kohya, ComfyUI/BFL or diffusers layout, detected per file) to `dit`.
+
+    `multipliers`, `include_patterns` and `exclude_patterns` give one entry per file (or one for all); the
+    patterns filter each file's modules with `re.search` on the BFL module path or the module's name in the file.
+    Every file is read and checked before `dit` changes. merge=True adds the updates into the weights (summed
+    per module, so an fp8 weight is re-quantised once); merge=False attaches them as hooks (the returned
+    networks' `remove()` undoes it). Both give the same output."""
+    paths = list(lora_paths)
+    multipliers = [float(m) for m in _per_file(multipliers, len(paths), "multipliers")]
+    includes = _per_file(include_patterns, len(paths), "include patterns")
+    excludes = _per_file(exclude_patterns, len(paths), "exclude patterns")
+    networks = []
+    for path, multiplier, include, exclude in zip(paths, multipliers, includes, excludes):
+        lora = filter_lora(read_lora(path), include, exclude)
+        networks.append(network_from_lora(dit, lora, multiplier))
+    if not merge:
+        for network in networks:
+            network.apply_to(dit)
+        return networks
+    with torch.no_grad():
+        for path in dict.fromkeys(m.path for net in networks for m in net.lora_modules):
+            delta = sum(mult * m.weight_delta() for net, mult in zip(networks, multipliers)
+                        for m in net.lora_modules if m.path == path)
+            add_to_weight(dit.get_submodule(path), delta)
+    return networks

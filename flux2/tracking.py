@@ -1,0 +1,88 @@
+"""MLflow tracking: one store per repository, wherever DVC runs the stage.
+
+The default store is `sqlite:///<repo>/mlflow.db` with artifacts in `<repo>/mlartifacts`, both absolute: `dvc exp
+run --temp/--queue` executes stages in `<repo>/.dvc/tmp/exps/...` copies, and a relative URI would scatter runs
+into folders that are deleted afterwards.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+EXPS_MARKER = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
+
+
+def repo_root(start: str | Path | None = None) -> Path:
+    """The repository the run belongs to: the original one for DVC temp experiment copies."""
+    cwd = str(Path(start or os.getcwd()).resolve())
+    if EXPS_MARKER in cwd + os.sep:
+        return Path((cwd + os.sep).split(EXPS_MARKER)[0])
+    return Path(os.environ.get("DVC_ROOT") or cwd)
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """params tracking.tracking_uri, else $MLFLOW_TRACKING_URI, else the repository's sqlite file."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def experiment_id(client: Any, name: str) -> str:
+    """Get or create the experiment, with an absolute artifact location beside the store."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (repo_root() / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+class Run:
+    """An MLflow run with batched metric logging (one log_batch per flush instead of a call per value)."""
+
+    def __init__(self, uri: str, experiment: str, run_id: str | None = None, run_name: str | None = None,
+                 flush_every: int = 50):
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        if run_id is None:
+            run_id = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name).info.run_id
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self.pending: list[Any] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self.pending), 1000):
+            self.client.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
+        self.pending = []
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status=status)
