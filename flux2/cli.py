@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -72,11 +73,202 @@ def run_make_tiny_model(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(f"{k}: {v}" for k, v in paths.items()))
 
 
+def add_ingest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ingest", help="check and decode every dataset item once; write the manifest and a report",
+                       formatter_class=HelpFormatter, argument_default=argparse.SUPPRESS)  # unset: from params
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--params", help="params.yaml: its dataset group and eval.holdout_fraction")
+    source.add_argument("--dataset_config", help="a musubi-tuner dataset TOML alone (defaults for the rest)")
+    p.add_argument("--out", help="manifest path (default: dataset.manifest, data/manifest.parquet)")
+    p.add_argument("--report", help="report path (default: dataset.report, reports/ingest.json)")
+    p.add_argument("--holdout_fraction", type=float,
+                   help="fraction held out for evaluation (default: eval.holdout_fraction, 0.1)")
+    p.add_argument("--on_error", choices=["skip", "fail"],
+                   help="skip bad items and report them, or stop at the first (default: dataset.on_error, skip)")
+    p.set_defaults(func=run_ingest)
+
+
+def run_ingest(args: argparse.Namespace) -> None:
+    import dataclasses
+    from pathlib import Path
+
+    from flux2.ingest import ingest
+    from flux2.params import DatasetParams, EvalParams, load_params
+
+    opts = vars(args)
+    if "params" in opts:
+        params = load_params(opts["params"], check_paths=False)
+        dataset, fraction, base = params.dataset, params.eval.holdout_fraction, Path(opts["params"]).parent
+    else:
+        dataset = DatasetParams(toml=str(Path(opts["dataset_config"]).absolute()))
+        fraction, base = EvalParams().holdout_fraction, Path.cwd()
+    changes = {key: str(Path(opts[arg]).absolute()) for key, arg in (("manifest", "out"), ("report", "report"))
+               if arg in opts}
+    if "on_error" in opts:
+        changes["on_error"] = opts["on_error"]
+    ingest(dataclasses.replace(dataset, **changes), opts.get("holdout_fraction", fraction), base)
+
+
+def add_convert_lora(sub: argparse._SubParsersAction) -> None:
+    from flux2.lora_formats import FORMATS
+
+    p = sub.add_parser("convert-lora", help="convert a FLUX.2 LoRA between the kohya, comfy and diffusers layouts",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--input", required=True, help="LoRA file in any supported layout (detected from its keys)")
+    p.add_argument("--output", required=True, help="output .safetensors")
+    p.add_argument("--target", required=True, choices=list(FORMATS),
+                   help="kohya: lora_unet_* with alpha (musubi-tuner, ComfyUI, diffusers); comfy: "
+                        "diffusion_model.*.lora_A/B; diffusers: transformer.*.lora_A/B (PEFT)")
+    p.set_defaults(func=run_convert_lora)
+
+
+def run_convert_lora(args: argparse.Namespace) -> None:
+    from flux2.lora_formats import convert_lora
+
+    lora = convert_lora(args.input, args.output, args.target)
+    print(f"wrote {args.output}: {len(lora.modules)} modules, {lora.format} layout -> {args.target}")
+
+
+def add_cache_latents(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache-latents", help="encode every dataset image (and control) with the autoencoder once; "
+                       "incremental, content-addressed", formatter_class=HelpFormatter)
+    p.add_argument("--params", default=None, help="params.yaml (model, dataset.manifest, cache groups); options "
+                                                  "given here override it")
+    p.add_argument("--dataset_config", default=None,
+                   help="a musubi-tuner dataset TOML: ingest it first into --manifest (without --params)")
+    p.add_argument("--manifest", default=None, help="manifest from ingest (default: dataset.manifest, "
+                                                    "data/manifest.parquet)")
+    p.add_argument("--vae", default=None, help="autoencoder weights (ae.safetensors)")
+    p.add_argument("--model_version", default=None, help="FLUX.2 variant (default: model.model_version)")
+    p.add_argument("--vae_dtype", choices=["float32", "bfloat16"], default=None,
+                   help="AE compute and storage dtype (default: model.vae_dtype, float32)")
+    p.add_argument("--batch_size", type=int, default=None, help="images per AE batch (default: cache.batch_size)")
+    p.add_argument("--cache_dir", default=None, help="output folder (default: cache.latents_dir)")
+    p.add_argument("--shard_mb", type=int, default=None, help="shard size limit in MB (default: cache.shard_mb)")
+    p.add_argument("--num_workers", type=int, default=2, help="image decoding threads")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: model.device, auto)")
+    p.add_argument("--report", default=None, help="JSON report (default: reports/cache_latents.json)")
+    p.set_defaults(func=run_cache_latents)
+
+
+def run_cache_latents(args: argparse.Namespace) -> None:
+    from flux2.cache_latents import cache_latents, config_from_args
+
+    cache_latents(config_from_args(args))
+
+
+def add_cache_text(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache-text", help="encode every caption, the empty prompt and the evaluation / sample "
+                       "prompts with the text encoder once; incremental", formatter_class=HelpFormatter)
+    p.add_argument("--params", default=None, help="params.yaml (model, dataset.manifest, cache, eval.prompts, "
+                                                  "train.sample_prompts); options given here override it")
+    p.add_argument("--dataset_config", default=None,
+                   help="a musubi-tuner dataset TOML: ingest it first into --manifest (without --params)")
+    p.add_argument("--manifest", default=None, help="manifest from ingest (default: dataset.manifest)")
+    p.add_argument("--text_encoder", default=None, help="text encoder: a Hugging Face folder or the first file of "
+                                                        "a split set")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: beside the text encoder)")
+    p.add_argument("--model_version", default=None, help="FLUX.2 variant (default: model.model_version)")
+    p.add_argument("--fp8_text_encoder", action="store_true", default=None, help="text encoder Linear weights in fp8")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="text encoder compute dtype (default: model.dtype; auto = bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--text_dtype", choices=["float32", "bfloat16"], default=None,
+                   help="stored dtype (default: cache.text_dtype)")
+    p.add_argument("--batch_size", type=int, default=None, help="prompts per batch (default: cache.batch_size)")
+    p.add_argument("--prompt", action="append", default=None, help="an evaluation prompt to cache (repeatable; "
+                                                                   "default: eval.prompts)")
+    p.add_argument("--sample_prompts", default=None, help="prompt file whose prompts and negatives to cache "
+                                                          "(default: train.sample_prompts)")
+    p.add_argument("--cache_dir", default=None, help="output folder (default: cache.text_dir)")
+    p.add_argument("--shard_mb", type=int, default=None, help="shard size limit in MB (default: cache.shard_mb)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: model.device, auto)")
+    p.add_argument("--report", default=None, help="JSON report (default: reports/cache_text.json)")
+    p.set_defaults(func=run_cache_text)
+
+
+def run_cache_text(args: argparse.Namespace) -> None:
+    from flux2.cache_text import cache_text, config_from_args
+
+    cache_text(config_from_args(args))
+
+
+def add_group_options(p: argparse.ArgumentParser, cls: type, group: str) -> None:
+    """One `--field` option per field of a params dataclass (seed names), default: the params.yaml value."""
+    import dataclasses
+    import types
+    import typing
+
+    g = p.add_argument_group(f"{group} (override params.yaml's `{group}:` group)")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        # `X | None` -> X; a true union (int | list[int]) is read as JSON below.
+        base = options[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(options) == 1 \
+            else tp
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict = {"default": None, "dest": f"{group}.{f.name}", "help": f"default: {default!r}"}
+        if base is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is list:
+            kw["nargs"] = "*"
+            item = typing.get_args(base)[0]
+            kw["type"] = item if item in (int, float, str) else str
+        elif base in (int, float, str):
+            kw["type"] = base
+        else:  # dicts and unions such as int | list[int]
+            kw["type"] = json.loads
+            kw["help"] += " (JSON)"
+        if base is not bool:
+            kw["metavar"] = f.name.upper()
+        g.add_argument(f"--{f.name}", **kw)
+
+
+def params_with_overrides(args: argparse.Namespace):
+    """params.yaml with the command line's `group.field` options applied, validated as a whole."""
+    from pathlib import Path
+
+    import yaml
+
+    from flux2.params import ParamsError, check_model_paths, parse_params
+
+    path = Path(args.params)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; pass --params PATH")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for dest, value in vars(args).items():
+        if "." in dest and value is not None:
+            group, key = dest.split(".", 1)
+            data.setdefault(group, {})[key] = value
+    params = parse_params(data, str(path))
+    check_model_paths(params, path.parent, str(path))
+    return params, path.parent
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    from flux2.params import ModelParams, TrainParams
+
+    p = sub.add_parser("train", help="train a LoRA on the cached latents and text embeddings",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--params", default="params.yaml", help="params.yaml; the options below override it")
+    add_group_options(p, ModelParams, "model")
+    add_group_options(p, TrainParams, "train")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from flux2.train import train
+
+    params, base = params_with_overrides(args)
+    train(params, base)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux2", description="FLUX.2 LoRA training pipeline",
                                      formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_generate, add_make_tiny_model):
+    for add in (add_generate, add_make_tiny_model, add_ingest, add_convert_lora, add_cache_latents,
+                add_cache_text, add_train):
         add(sub)
     return parser
 

@@ -31,13 +31,19 @@ def tracking_uri(configured: str | None = None) -> str:
     return f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
-def experiment_id(client: Any, name: str) -> str:
-    """Get or create the experiment, with an absolute artifact location beside the store."""
+def artifact_location(uri: str) -> str | None:
+    """For a sqlite store, `mlartifacts/` beside the database file (absolute); servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def experiment_id(client: Any, name: str, uri: str) -> str:
+    """Get or create the experiment, with an absolute artifact location beside a sqlite store."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    location = (repo_root() / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=artifact_location(uri))
 
 
 class Run:
@@ -50,7 +56,7 @@ class Run:
 
         self.client = MlflowClient(tracking_uri=uri)
         if run_id is None:
-            run_id = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name).info.run_id
+            run_id = self.client.create_run(experiment_id(self.client, experiment, uri), run_name=run_name).info.run_id
         self.run_id = run_id
         self.flush_every = flush_every
         self.pending: list[Any] = []

@@ -21,3 +21,31 @@ def tiny_model(tmp_path_factory):
     from flux2.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def cached_pipeline(tmp_path_factory, tiny_model):
+    """A folder with a shapes dataset, params.yaml, and the ingest + cache stages already run (in-process).
+
+    Tests that train or evaluate copy it (`copy_pipeline`) rather than changing it."""
+    from flux2.cli import main
+    from tests.datasets import write_params, write_shapes_dataset
+
+    folder = tmp_path_factory.mktemp("pipeline")
+    write_shapes_dataset(folder / "ds", n=12)
+    params = write_params(folder, tiny_model)
+    for command in ("ingest", "cache-latents", "cache-text"):
+        assert main([command, "--params", str(params)]) == 0, command
+    return folder
+
+
+@pytest.fixture
+def pipeline(cached_pipeline, tmp_path):
+    """A private copy of cached_pipeline for one test."""
+    import shutil
+
+    dst = tmp_path / "pipeline"
+    shutil.copytree(cached_pipeline, dst)
+    params = dst / "params.yaml"
+    params.write_text(params.read_text().replace(str(cached_pipeline), str(dst)))
+    return dst

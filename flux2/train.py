@@ -1,0 +1,407 @@
+"""LoRA training: the `train` stage and `flux2 train`.
+
+Flow matching on cached latents and text embeddings: x_t = (1 - t) x0 + t noise, the DiT predicts the velocity
+noise - x0, MSE. Reads the caches only (no text encoder in memory). Checkpoints every `save_every_n_steps` and
+resumes from the last good one; every random draw is a function of (seed, step), so a resumed run ends with the
+same LoRA as an uninterrupted one. Several processes (`accelerate launch`) average their LoRA gradients, so two
+processes with batch B equal one process with batch 2B.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from flux2 import sampling, timesteps
+from flux2.atomic import atomic_write_json, atomic_write_text
+from flux2.checkpoint import TrainState, list_checkpoints, load_latest_checkpoint, save_checkpoint
+from flux2.optim import build_optimizer, lr_factor
+from flux2.params import Params, to_flat_dict
+from flux2.train_data import Batch, TrainData, mix_seed
+from flux2.variants import Variant, get_variant
+
+log = logging.getLogger("flux2.train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to try."""
+
+
+@dataclass
+class TrainResult:
+    lora_path: Path
+    steps: int
+    final_loss: float
+    bad_steps: int
+    mlflow_run_id: str | None
+
+
+def distilled_warning(variant: Variant) -> str | None:
+    if variant.is_base:
+        return None
+    base = {"klein-4b": "klein-base-4b", "klein-9b": "klein-base-9b"}.get(variant.name)
+    advice = f"train on {base} and sample the result with {variant.name}" if base else \
+        "dev has no base release: expect a LoRA that works at inference but trains less stably"
+    return (f"model_version {variant.name} is a guidance-distilled model; LoRAs trained on distilled weights "
+            f"often collapse or need strengths above 1: {advice}")
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_fingerprint(p: Params, manifest_sha: str, latents_meta: dict, text_meta: dict) -> str:
+    """What decides the trained weights; checkpoints from a run with another fingerprint are not resumed."""
+    t = asdict(p.train)
+    for k in ("sample_prompts", "sample_every_n_steps", "save_every_n_steps", "log_every_n_steps", "output_dir",
+              "output_name", "checkpoint_dir", "max_bad_steps"):
+        t.pop(k)
+    if p.train.lr_scheduler in ("constant", "constant_with_warmup"):
+        # The run length changes nothing already trained: a longer run continues from the last checkpoint.
+        t.pop("max_train_steps")
+        t.pop("max_train_epochs")
+    m = asdict(p.model)
+    m.pop("device")
+    blob = json.dumps([t, m, manifest_sha, latents_meta, text_meta], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def flux_loss(dit: torch.nn.Module, batch: Batch, variant: Variant, p: Params, device: torch.device
+              ) -> torch.Tensor:
+    """Weighted flow-matching MSE of one micro-batch (mean over samples)."""
+    t_cfg = p.train
+    x0, noise = batch.latents.to(device), batch.noise.to(device)
+    b, _, h, w = x0.shape
+    t = timesteps.sample_timesteps(t_cfg.timestep_sampling, batch.normal, batch.uniform, h * w,
+                                   t_cfg.sigmoid_scale, t_cfg.discrete_flow_shift, t_cfg.logit_mean,
+                                   t_cfg.logit_std).to(device)
+    xt, target = timesteps.noisy_latents(x0, noise, t)
+    x, x_ids = sampling.pack(xt), sampling.latent_ids(b, h, w, device=device)
+    if batch.controls:
+        ref_tokens, ref_ids = sampling.reference_tokens([c.to(device) for c in batch.controls])
+        x, x_ids = torch.cat((x, ref_tokens), dim=1), torch.cat((x_ids, ref_ids), dim=1)
+    ctx = batch.ctx.to(device)
+    guidance = torch.full((b,), t_cfg.guidance, device=device) if variant.use_guidance_embed else None
+    pred = dit(x, x_ids, t, ctx, sampling.text_ids(b, ctx.shape[1], device=device), guidance)[:, : h * w]
+    per_sample = (pred.float() - sampling.pack(target)).square().mean(dim=(1, 2))
+    return (per_sample * timesteps.loss_weights(t_cfg.weighting_scheme, t)).mean()
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average the LoRA gradients over processes (one flat all-reduce)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def total_steps(p: Params, data: TrainData) -> int:
+    if p.train.max_train_steps is not None:
+        return p.train.max_train_steps
+    return p.train.max_train_epochs * math.ceil(data.batches_per_epoch / p.train.gradient_accumulation_steps)
+
+
+def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResult:
+    """Train a LoRA as params.yaml says; returns where it was written. Paths are relative to `base`."""
+    from accelerate import PartialState
+
+    from flux2.loading import load_dit
+    from flux2.lora import create_network
+    from flux2.tracking import Run, tracking_uri
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    rank, world = state.process_index, state.num_processes
+    main = state.is_main_process
+    variant = get_variant(p.model.model_version)
+    device = resolve_device(p.model.device, state.local_process_index)
+    dtype = resolve_dtype(p.model.dtype, device)
+    t_cfg = p.train
+    warning = distilled_warning(variant)
+    if warning and main:
+        log.warning(warning)
+        print(f"warning: {warning}")
+    if p.model.blocks_to_swap and not t_cfg.gradient_checkpointing:
+        raise TrainingError("model.blocks_to_swap needs train.gradient_checkpointing: true (without it autograd "
+                            "keeps every swapped block on the GPU until backward, so nothing is saved)")
+
+    manifest = base / p.dataset.manifest
+    data = TrainData(manifest, base / p.cache.latents_dir, base / p.cache.text_dir, variant, t_cfg.batch_size,
+                     world, t_cfg.seed, t_cfg.caption_dropout_rate)
+    fingerprint = run_fingerprint(p, sha256_file(manifest), data.latents.meta, data.text.meta)
+    steps_total = total_steps(p, data)
+
+    dit = load_dit(base / p.model.dit, variant, device="cpu" if p.model.blocks_to_swap else device, dtype=dtype,
+                   fp8_scaled=p.model.fp8_base or p.model.fp8_scaled)
+    dit.gradient_checkpointing = t_cfg.gradient_checkpointing
+    if p.model.blocks_to_swap:
+        from flux2.block_swap import enable_block_swap
+
+        enable_block_swap(dit, p.model.blocks_to_swap, device)
+    torch.manual_seed(t_cfg.seed)  # the LoRA's initial weights
+    network = create_network(dit, t_cfg.network_dim, t_cfg.network_alpha, t_cfg.include_patterns,
+                             t_cfg.exclude_patterns, t_cfg.network_dropout, t_cfg.rank_dropout,
+                             t_cfg.module_dropout).to(device)
+    network.apply_to(dit)
+    params = [q for q in network.parameters() if q.requires_grad]
+    optimizer = build_optimizer(params, t_cfg.optimizer_type, t_cfg.learning_rate, t_cfg.optimizer_args)
+    if main:
+        print(f"training {len(network.lora_modules)} LoRA modules (rank {t_cfg.network_dim}, alpha "
+              f"{t_cfg.network_alpha:g}, scale {t_cfg.network_alpha / t_cfg.network_dim:g}) on {len(data.items)} "
+              f"items, {steps_total} steps, {world} process(es), device {device}")
+
+    ckpt_dir = base / t_cfg.checkpoint_dir
+    train_state = TrainState(step=0, extra={"fingerprint": fingerprint})
+    resumed = load_latest_checkpoint(ckpt_dir, optimizer) if list_checkpoints(ckpt_dir) else None
+    if resumed is not None and resumed[0].extra.get("fingerprint") != fingerprint:
+        if main:
+            print(f"checkpoints in {ckpt_dir} belong to another configuration; starting from step 0")
+            for old in list_checkpoints(ckpt_dir):
+                shutil.rmtree(old, ignore_errors=True)
+        optimizer = build_optimizer(params, t_cfg.optimizer_type, t_cfg.learning_rate, t_cfg.optimizer_args)
+        resumed = None
+    if resumed is not None:
+        train_state, lora_sd = resumed
+        network.load_weights(lora_sd)
+        if main:
+            print(f"resuming from {ckpt_dir}/step-{train_state.step:08d}")
+
+    run = None
+    if main:
+        run = Run(tracking_uri(p.tracking.tracking_uri), p.tracking.experiment,
+                  run_id=train_state.extra.get("mlflow_run_id"), run_name=t_cfg.output_name)
+        train_state.extra["mlflow_run_id"] = run.run_id
+        if resumed is None:
+            run.log_params(to_flat_dict(p))
+            tags = {"flux2.variant": variant.name, "flux2.commit": git_commit(base),
+                    "flux2.manifest_sha256": sha256_file(manifest), "flux2.fingerprint": fingerprint}
+            if os.environ.get("DVC_EXP_NAME"):
+                tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+            if warning:
+                tags["flux2.warning"] = warning
+            run.set_tags(tags)
+
+    history_path = base / "plots" / "train_loss.csv"
+    history = _read_history(history_path, train_state.step) if resumed is not None else []
+    dit.train()
+    network.train()
+    bar = tqdm(total=steps_total, initial=train_state.step, desc="training", unit="step",
+               disable=not (progress and main))
+    consecutive_bad = 0
+    loss_value = float("nan")
+    try:
+        while train_state.step < steps_total:
+            step = train_state.step
+            start = time.perf_counter()
+            lr = t_cfg.learning_rate * lr_factor(step, t_cfg.lr_scheduler, steps_total, t_cfg.lr_warmup_steps,
+                                                 t_cfg.lr_scheduler_num_cycles, t_cfg.lr_scheduler_power)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(t_cfg.gradient_accumulation_steps):
+                index = step * t_cfg.gradient_accumulation_steps + micro
+                torch.manual_seed(mix_seed(t_cfg.seed, index, 7919))  # LoRA dropouts
+                batch = data.micro_batch(index, rank)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t_cfg.mixed_precision == "bf16"):
+                    loss = flux_loss(dit, batch, variant, p, device)
+                (loss / t_cfg.gradient_accumulation_steps).backward()
+                loss_sum += loss.detach().float().item() / t_cfg.gradient_accumulation_steps
+            if world > 1:
+                all_reduce_grads(params, world)
+                loss_sum = _mean_over_processes(loss_sum, device)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.max_grad_norm if t_cfg.max_grad_norm > 0
+                                                       else float("inf")).item()
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                consecutive_bad += 1
+                train_state.bad_steps += 1
+                if run is not None:
+                    run.log_metrics({"bad_steps": train_state.bad_steps}, step)
+                if consecutive_bad >= t_cfg.max_bad_steps:
+                    raise TrainingError(
+                        f"step {step}: {consecutive_bad} steps in a row had a non-finite loss or gradient "
+                        f"(loss {loss_sum}, grad norm {grad_norm}); likely causes: learning_rate too high "
+                        f"({t_cfg.learning_rate:g}), fp8 weights overflowing, or a corrupted cache entry. The last "
+                        f"good checkpoint is in {ckpt_dir}")
+                train_state.step += 1
+                bar.update()
+                continue
+            consecutive_bad = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_state.step += 1
+            loss_value = loss_sum
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
+            bar.update()
+            if main:
+                metrics = {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed,
+                           "samples_per_s": data.global_batch * t_cfg.gradient_accumulation_steps / elapsed,
+                           "peak_memory_gib": peak_memory_gib(device)}
+                history.append((train_state.step, loss_sum, lr))
+                if train_state.step % t_cfg.log_every_n_steps == 0:
+                    run.log_metrics(metrics, train_state.step)
+            if t_cfg.save_every_n_steps and train_state.step % t_cfg.save_every_n_steps == 0 \
+                    and train_state.step < steps_total:
+                _checkpoint(main, ckpt_dir, train_state, network, optimizer, history, history_path, run)
+            if t_cfg.sample_every_n_steps and train_state.step % t_cfg.sample_every_n_steps == 0 and main:
+                _samples(p, base, variant, dit, device, dtype, train_state.step, run)
+        bar.close()
+        out_dir = base / t_cfg.output_dir
+        lora_path = out_dir / f"{t_cfg.output_name}.safetensors"
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            meta = {"ss_training_comment": "flux2", "ss_steps": str(train_state.step), "ss_seed": str(t_cfg.seed),
+                    "ss_learning_rate": str(t_cfg.learning_rate), "ss_optimizer": t_cfg.optimizer_type,
+                    "ss_timestep_sampling": t_cfg.timestep_sampling, "ss_weighting_scheme": t_cfg.weighting_scheme,
+                    "ss_guidance_scale": str(t_cfg.guidance), "ss_mixed_precision": t_cfg.mixed_precision,
+                    "ss_num_train_items": str(len(data.items)), "flux2.manifest_sha256": sha256_file(manifest),
+                    "flux2.commit": git_commit(base), "flux2.params": json.dumps(asdict(t_cfg), default=str)}
+            network.save(lora_path, meta)
+            _checkpoint(main, ckpt_dir, train_state, network, optimizer, history, history_path, None)
+            if t_cfg.sample_prompts and t_cfg.sample_every_n_steps:
+                _samples(p, base, variant, dit, device, dtype, train_state.step, run)
+            summary = {"steps": train_state.step, "final_loss": loss_value, "bad_steps": train_state.bad_steps,
+                       "mlflow_run_id": run.run_id, "lora": str(lora_path)}
+            atomic_write_json(base / "metrics" / "train.json", summary)
+            run.log_artifact(lora_path, "lora")
+            for extra in (base / "params.yaml", base / "dvc.lock"):
+                if extra.is_file():
+                    run.log_artifact(extra)
+            run.end()
+            print(f"wrote {lora_path} after {train_state.step} steps (final loss {loss_value:.4f}); "
+                  f"MLflow run {run.run_id}")
+        return TrainResult(lora_path, train_state.step, loss_value, train_state.bad_steps,
+                           run.run_id if run else None)
+    except BaseException:
+        if run is not None:
+            run.flush()
+        raise
+
+
+def _mean_over_processes(value: float, device: torch.device) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], device=device if device.type == "cuda" else "cpu", dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).item()
+
+
+def _read_history(path: Path, upto: int) -> list[tuple[int, float, float]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines()[1:]:
+        step, loss, lr = line.split(",")
+        if int(step) <= upto:
+            rows.append((int(step), float(loss), float(lr)))
+    return rows
+
+
+def _checkpoint(main: bool, ckpt_dir: Path, state: TrainState, network: torch.nn.Module,
+                optimizer: torch.optim.Optimizer, history: list, history_path: Path, run) -> None:
+    if not main:
+        return
+    save_checkpoint(ckpt_dir, state, network.state_dict(), optimizer)
+    history_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(history_path, "step,loss,lr\n" + "".join(f"{s},{l!r},{r!r}\n" for s, l, r in history))
+    if run is not None:
+        run.flush()
+
+
+def _samples(p: Params, base: Path, variant: Variant, dit: torch.nn.Module, device: torch.device,
+             dtype: torch.dtype, step: int, run) -> None:
+    """Images for the prompts of train.sample_prompts with the LoRA as it is now (text from the cache)."""
+    from flux2.cache_store import CacheReader
+    from flux2.cache_text import read_prompt_map
+    from flux2.generate import prepare_control_images, sample_latents, save_png, use_cfg
+    from flux2.images import to_pil
+    from flux2.loading import load_ae
+    from flux2.prompts import read_prompt_file
+
+    if not p.train.sample_prompts:
+        return
+    prompts = read_prompt_file(base / p.train.sample_prompts)
+    text = CacheReader(base / p.cache.text_dir)
+    keys = read_prompt_map(base / p.cache.text_dir)
+    ae = load_ae(base / p.model.vae, variant, device=device, dtype=torch.float32)
+    out_dir = base / p.train.output_dir / "samples"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    was_training = dit.training
+    dit.eval()
+    try:
+        for i, sp in enumerate(prompts):
+            g = variant.default_guidance if sp.guidance is None else sp.guidance
+            cfg = use_cfg(variant, g)
+            neg = sp.negative_prompt or ""
+            for text_needed in [sp.prompt] + ([neg] if cfg else []):
+                if text_needed not in keys:
+                    raise TrainingError(f"sample prompt {text_needed!r} is not in {p.cache.text_dir}: rerun "
+                                        f"cache_text (dvc repro) after editing {p.train.sample_prompts}")
+            cond = sampling.Conditioning(
+                ctx=text.get(keys[sp.prompt])[None].to(device, dtype),
+                neg_ctx=text.get(keys[neg])[None].to(device, dtype) if cfg else None,
+                cfg_scale=g if cfg else None, guidance=g if variant.use_guidance_embed else None)
+            if sp.control_images:
+                with torch.no_grad():
+                    refs = [ae.encode(x.to(device)) for x in prepare_control_images(
+                        [str(base / c) for c in sp.control_images], False, variant.ae.downscale)]
+                cond.ref_tokens, cond.ref_ids = sampling.reference_tokens(refs)
+            h, w = sp.height or 256, sp.width or 256
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.train.mixed_precision == "bf16"):
+                latents = sample_latents(dit, variant, cond, h, w, sp.seed if sp.seed is not None else 42,
+                                         sp.steps or 20, sp.flow_shift, device, progress=False)
+            with torch.no_grad():
+                (im,) = to_pil(ae.decode(latents.float()))
+            path = out_dir / f"{p.train.output_name}_{step:06d}_{i:02d}.png"
+            save_png(im, path, {"prompt": sp.prompt, "step": str(step)})
+            if run is not None:
+                run.log_artifact(path, "samples")
+    finally:
+        dit.train(was_training)
