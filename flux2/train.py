@@ -85,7 +85,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def run_fingerprint(p: Params, manifest_sha: str, latents_meta: dict, text_meta: dict) -> str:
+def run_fingerprint(p: Params, manifest_sha: str, latents_meta: dict, text_meta: dict, world_size: int) -> str:
     """What decides the trained weights; checkpoints from a run with another fingerprint are not resumed."""
     t = asdict(p.train)
     for k in ("sample_prompts", "sample_every_n_steps", "save_every_n_steps", "log_every_n_steps", "output_dir",
@@ -97,7 +97,7 @@ def run_fingerprint(p: Params, manifest_sha: str, latents_meta: dict, text_meta:
         t.pop("max_train_epochs")
     m = asdict(p.model)
     m.pop("device")
-    blob = json.dumps([t, m, manifest_sha, latents_meta, text_meta], sort_keys=True, default=str)
+    blob = json.dumps([t, m, manifest_sha, latents_meta, text_meta, world_size], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -116,16 +116,26 @@ def flux_loss(dit: torch.nn.Module, batch: Batch, variant: Variant, p: Params, d
     t = timesteps.sample_timesteps(t_cfg.timestep_sampling, batch.normal, batch.uniform, h * w,
                                    t_cfg.sigmoid_scale, t_cfg.discrete_flow_shift, t_cfg.logit_mean,
                                    t_cfg.logit_std).to(device)
+    per_sample = velocity_loss(dit, x0, noise, t, batch.ctx.to(device), [c.to(device) for c in batch.controls],
+                               variant, t_cfg.guidance)
+    return (per_sample * timesteps.loss_weights(t_cfg.weighting_scheme, t)).mean()
+
+
+def velocity_loss(dit: torch.nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
+                  controls: list[torch.Tensor], variant: Variant, guidance: float = 1.0) -> torch.Tensor:
+    """Unweighted flow-matching MSE per sample (B,): the DiT's velocity at x_t = (1 - t) x0 + t noise against
+    noise - x0. Reference latents (`controls`, one (B, 128, h_k, w_k) tensor each) join as extra tokens whose
+    predictions are dropped. Shared by training and the evaluate stage's validation loss."""
+    b, _, h, w = x0.shape
+    device = x0.device
     xt, target = timesteps.noisy_latents(x0, noise, t)
     x, x_ids = sampling.pack(xt), sampling.latent_ids(b, h, w, device=device)
-    if batch.controls:
-        ref_tokens, ref_ids = sampling.reference_tokens([c.to(device) for c in batch.controls])
+    if controls:
+        ref_tokens, ref_ids = sampling.reference_tokens(controls)
         x, x_ids = torch.cat((x, ref_tokens), dim=1), torch.cat((x_ids, ref_ids), dim=1)
-    ctx = batch.ctx.to(device)
-    guidance = torch.full((b,), t_cfg.guidance, device=device) if variant.use_guidance_embed else None
-    pred = dit(x, x_ids, t, ctx, sampling.text_ids(b, ctx.shape[1], device=device), guidance)[:, : h * w]
-    per_sample = (pred.float() - sampling.pack(target)).square().mean(dim=(1, 2))
-    return (per_sample * timesteps.loss_weights(t_cfg.weighting_scheme, t)).mean()
+    guidance_vec = torch.full((b,), guidance, device=device) if variant.use_guidance_embed else None
+    pred = dit(x, x_ids, t, ctx, sampling.text_ids(b, ctx.shape[1], device=device), guidance_vec)[:, : h * w]
+    return (pred.float() - sampling.pack(target)).square().mean(dim=(1, 2))
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
@@ -174,7 +184,7 @@ def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResu
     manifest = base / p.dataset.manifest
     data = TrainData(manifest, base / p.cache.latents_dir, base / p.cache.text_dir, variant, t_cfg.batch_size,
                      world, t_cfg.seed, t_cfg.caption_dropout_rate)
-    fingerprint = run_fingerprint(p, sha256_file(manifest), data.latents.meta, data.text.meta)
+    fingerprint = run_fingerprint(p, sha256_file(manifest), data.latents.meta, data.text.meta, world)
     steps_total = total_steps(p, data)
 
     dit = load_dit(base / p.model.dit, variant, device="cpu" if p.model.blocks_to_swap else device, dtype=dtype,
@@ -234,7 +244,7 @@ def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResu
     bar = tqdm(total=steps_total, initial=train_state.step, desc="training", unit="step",
                disable=not (progress and main))
     consecutive_bad = 0
-    loss_value = float("nan")
+    loss_value = history[-1][1] if history else float("nan")
     try:
         while train_state.step < steps_total:
             step = train_state.step
