@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# DVC stages run `python -m stages.X`: that must be this venv's python.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
@@ -28,10 +30,10 @@ setup: $(VENV)/.base
 setup-dev: $(VENV)/.dev
 
 demo: setup
-	$(VENV)/bin/flux2 make-tiny-model --out models/tiny
-	$(VENV)/bin/flux2 generate --model_version tiny --dit models/tiny/dit.safetensors \
-		--vae models/tiny/ae.safetensors --text_encoder models/tiny/text_encoder \
-		--prompt "a red circle on a blue background" --image_size 128 128 --seed 0 --save_path outputs/demo
+	dvc repro
+	@echo
+	@echo "Done. Open outputs/eval/grid.png (base beside LoRA), plots/*.png; metrics in metrics/eval.json;"
+	@echo "compare runs with: mlflow ui --backend-store-uri sqlite:///$$PWD/mlflow.db --host 127.0.0.1"
 
 test: setup-dev
 	$(PY) -m pytest
@@ -40,4 +42,4 @@ bench: setup-dev
 	$(PY) bench/dit_step.py
 
 clean:
-	rm -rf $(VENV) outputs models/tiny
+	rm -rf $(VENV) outputs data cache checkpoints metrics plots reports mlflow.db mlartifacts

@@ -315,7 +315,7 @@ def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResu
                     "flux2.commit": git_commit(base), "flux2.params": json.dumps(asdict(t_cfg), default=str)}
             network.save(lora_path, meta)
             _checkpoint(main, ckpt_dir, train_state, network, optimizer, history, history_path, None)
-            if t_cfg.sample_prompts and t_cfg.sample_every_n_steps:
+            if t_cfg.sample_prompts:
                 _samples(p, base, variant, dit, device, dtype, train_state.step, run)
             summary = {"steps": train_state.step, "final_loss": loss_value, "bad_steps": train_state.bad_steps,
                        "mlflow_run_id": run.run_id, "lora": str(lora_path)}
