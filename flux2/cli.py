@@ -28,7 +28,11 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images (text-to-image or editing with reference images)",
                        formatter_class=HelpFormatter)
     add_model_args(p)
-    p.add_argument("--prompt", required=True)
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=None, help="the prompt (or --from_file)")
+    prompt.add_argument("--from_file", default=None,
+                        help="prompt file: one prompt per line, each with optional --w --h --d --s --g --n --ci --fs "
+                             "(width, height, seed, steps, guidance, negative prompt, control image, flow shift)")
     p.add_argument("--negative_prompt", default="", help="negative prompt for true CFG (base variants)")
     p.add_argument("--image_size", type=int, nargs=2, default=[1024, 1024], metavar=("H", "W"),
                    help="height and width, multiples of 16")
@@ -47,6 +51,20 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--save_path", default="outputs", help="output folder")
     p.add_argument("--output_type", choices=["images", "latent", "latent_images"], default="images")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora_weight", nargs="*", default=[],
+                   help="LoRA file(s): kohya (musubi-tuner), ComfyUI/BFL or diffusers/PEFT layout, detected per file")
+    g.add_argument("--lora_multiplier", type=float, nargs="*", default=[1.0],
+                   help="strength per LoRA file (one value for all)")
+    g.add_argument("--include_patterns", nargs="*", default=None,
+                   help="per LoRA file: a regex; only its modules whose path or name in the file matches are applied")
+    g.add_argument("--exclude_patterns", nargs="*", default=None,
+                   help="per LoRA file: a regex; its modules whose path or name in the file matches are left out")
+    g.add_argument("--lora_merge", action=argparse.BooleanOptionalAction, default=True,
+                   help="merge the LoRAs into the DiT weights (--no-lora_merge: apply them as a side path; same "
+                        "images)")
+    g.add_argument("--save_merged_model", default=None,
+                   help="write the DiT with the LoRAs merged (BFL layout) to this path and generate nothing")
     p.set_defaults(func=run_generate)
 
 
@@ -263,12 +281,47 @@ def run_train(args: argparse.Namespace) -> None:
     train(params, base)
 
 
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from flux2.params import EvalParams, ModelParams
+
+    p = sub.add_parser("evaluate", help="validation loss, sample grids (base beside LoRA) and CLIP score of the "
+                       "trained LoRA; metrics/eval.json, plots, MLflow", formatter_class=HelpFormatter)
+    p.add_argument("--params", default="params.yaml", help="params.yaml; the options below override it")
+    add_group_options(p, ModelParams, "model")
+    add_group_options(p, EvalParams, "eval")
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from flux2.evaluate import evaluate
+
+    params, base = params_with_overrides(args)
+    evaluate(params, base)
+
+
+def add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="one picture (and an HTML page) of MLflow runs side by side: the parameters "
+                       "that differ, their metrics and their sample grids", formatter_class=HelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="MLflow run ids (or run names in --experiment)")
+    p.add_argument("--tracking_uri", default=None,
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite mlflow.db at the repository root)")
+    p.add_argument("--experiment", default="flux2", help="experiment in which run names are looked up")
+    p.add_argument("--out", default="reports/compare.png", help="output PNG; the HTML page is written beside it")
+    p.set_defaults(func=run_compare)
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from flux2.compare import compare
+
+    compare(args.runs, args.tracking_uri, args.experiment, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux2", description="FLUX.2 LoRA training pipeline",
                                      formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_generate, add_make_tiny_model, add_ingest, add_convert_lora, add_cache_latents,
-                add_cache_text, add_train):
+                add_cache_text, add_train, add_evaluate, add_compare):
         add(sub)
     return parser
 

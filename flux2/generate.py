@@ -1,12 +1,17 @@
 """Text-to-image and editing with a FLUX.2 variant: the library side of `flux2 generate`.
 
 Models are loaded one after another and freed when done (text encoder, then DiT, then AE decode), so peak
-memory is that of the largest, not the sum.
+memory is that of the largest, not the sum. With `from_file`, every model is loaded once for all prompts.
+
+LoRAs (`lora_weight`, any layout flux2.lora_formats reads) are merged into the DiT weights once, right after
+loading, or attached as hooks (`lora_merge=False`); both give the same images. With fp8_scaled the DiT is loaded
+unquantised, merged, then quantised, so each weight is rounded to fp8 once.
 """
 from __future__ import annotations
 
 import gc
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -34,7 +39,7 @@ class GenerateOptions:
     dit: str
     vae: str
     text_encoder: str
-    prompt: str
+    prompt: str | None = None  # one prompt, or `from_file`
     tokenizer: str | None = None
     negative_prompt: str = ""
     image_size: tuple[int, int] = (1024, 1024)  # (height, width)
@@ -52,6 +57,28 @@ class GenerateOptions:
     device: str | None = None
     save_path: str = "outputs"
     output_type: str = "images"  # images | latent | latent_images
+    from_file: str | None = None  # a prompt per line with --w/--h/--d/--s/--g/--n/--ci/--fs (flux2.prompts)
+    lora_weight: list[str] = field(default_factory=list)
+    lora_multiplier: list[float] = field(default_factory=lambda: [1.0])  # one per LoRA, or one for all
+    include_patterns: list[str] | None = None  # regex per LoRA (re.search on module paths / names in the file)
+    exclude_patterns: list[str] | None = None
+    lora_merge: bool = True  # False: attach as hooks (same images, the weights untouched)
+    save_merged_model: str | None = None  # write the DiT with the LoRAs merged (BFL layout) and skip inference
+
+
+@dataclass
+class PromptJob:
+    """One image to generate: a prompt with its settings resolved."""
+
+    prompt: str
+    negative_prompt: str
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    flow_shift: float | None
+    control_image_path: list[str]
 
 
 def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
@@ -92,83 +119,223 @@ def prepare_control_images(paths: list[str], no_resize: bool, multiple: int = 16
     return out
 
 
+def prompt_jobs(opts: GenerateOptions, variant: Variant) -> list[PromptJob]:
+    """The images to make: `opts.prompt`, or one per line of `opts.from_file` (a line's flags override the
+    options). Unset seeds are drawn at random, one per prompt."""
+    from flux2.prompts import SamplePrompt, read_prompt_file
+
+    if (opts.prompt is None) == (opts.from_file is None):
+        raise ValueError("give either --prompt or --from_file (a prompt file, one prompt per line)")
+    lines = [SamplePrompt(opts.prompt)] if opts.prompt is not None else read_prompt_file(opts.from_file)
+    if not lines:
+        raise ValueError(f"{opts.from_file}: no prompts (every line is blank or a # comment)")
+    jobs = []
+    for sp in lines:
+        height, width = sp.height or opts.image_size[0], sp.width or opts.image_size[1]
+        check_image_size(height, width, variant.ae.downscale)
+        guidance = sp.guidance if sp.guidance is not None else opts.guidance_scale
+        seed = sp.seed if sp.seed is not None else opts.seed
+        jobs.append(PromptJob(
+            prompt=sp.prompt,
+            negative_prompt=opts.negative_prompt if sp.negative_prompt is None else sp.negative_prompt,
+            height=height, width=width, steps=sp.steps or opts.infer_steps or variant.default_steps,
+            guidance_scale=variant.default_guidance if guidance is None else guidance,
+            seed=seed if seed is not None else random.randint(0, 2**32 - 1),
+            flow_shift=sp.flow_shift if sp.flow_shift is not None else opts.flow_shift,
+            control_image_path=sp.control_images or opts.control_image_path))
+    return jobs
+
+
+def check_lora_files(opts: GenerateOptions) -> None:
+    """The LoRA options fit together and every file is a LoRA in a known layout (headers only, before any model
+    loads; shapes are checked against the DiT when it is there)."""
+    from flux2.lora_formats import detect_format
+    from flux2.safetensors_io import tensor_shapes
+
+    n = len(opts.lora_weight)
+    for name, values in (("--lora_multiplier", opts.lora_multiplier), ("--include_patterns", opts.include_patterns),
+                         ("--exclude_patterns", opts.exclude_patterns)):
+        if values is not None and n and len(values) not in (1, n):
+            raise ValueError(f"{name}: got {len(values)} values for {n} LoRA files; give one per --lora_weight "
+                             "file, or a single one for all")
+        if values and not n and name != "--lora_multiplier":
+            raise ValueError(f"{name} is given without --lora_weight")
+    if opts.save_merged_model and not n:
+        raise ValueError("--save_merged_model needs --lora_weight: there is nothing to merge")
+    for path in opts.lora_weight:
+        detect_format(tensor_shapes(path), path)
+
+
 def generate(opts: GenerateOptions) -> list[Path]:
-    """Run one generation; returns the files written."""
+    """Run one generation (or one per line of `opts.from_file`, or only the LoRA merge with
+    `save_merged_model`); returns the files written."""
     from flux2.loading import load_ae
-    from flux2.text_encoder import load_text_encoder
 
     variant = get_variant(opts.model_version)
-    height, width = opts.image_size
-    check_image_size(height, width, variant.ae.downscale)
     if opts.output_type not in ("images", "latent", "latent_images"):
         raise ValueError(f"--output_type {opts.output_type!r}: use images, latent or latent_images")
     device, dtype = resolve_device_dtype(opts.device, opts.dtype)
-    steps = opts.infer_steps or variant.default_steps
-    guidance_scale = variant.default_guidance if opts.guidance_scale is None else opts.guidance_scale
-    seed = opts.seed if opts.seed is not None else random.randint(0, 2**32 - 1)
-    cfg = use_cfg(variant, guidance_scale)
+    check_lora_files(opts)
+    if opts.save_merged_model:
+        return [save_merged_dit(opts, variant)]
+    jobs = prompt_jobs(opts, variant)
 
     # Inputs are checked before any model loads, so a bad file fails in a second, not after minutes.
-    ref_pixels = prepare_control_images(opts.control_image_path, opts.no_resize_control, variant.ae.downscale)
+    ref_pixels = [prepare_control_images(job.control_image_path, opts.no_resize_control, variant.ae.downscale)
+                  for job in jobs]
     t0 = time.perf_counter()
-    te = load_text_encoder(opts.text_encoder, variant, tokenizer=opts.tokenizer, device=device,
-                           dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                           fp8=opts.fp8_text_encoder)
-    ctx = te.encode([opts.prompt]).to(dtype)
-    neg_ctx = te.encode([opts.negative_prompt]).to(dtype) if cfg else None
-    free(te)
-    del te
+    contexts = encode_prompts(opts, variant, jobs, device, dtype)
 
     ae = load_ae(opts.vae, variant, device=device, dtype=torch.float32)
-    cond = sampling.Conditioning(ctx=ctx, neg_ctx=neg_ctx, cfg_scale=guidance_scale if cfg else None,
-                                 guidance=opts.embedded_cfg_scale if variant.use_guidance_embed else None)
-    if ref_pixels:
-        with torch.no_grad():
-            refs = [ae.encode(x.to(device)) for x in ref_pixels]
-        cond.ref_tokens, cond.ref_ids = sampling.reference_tokens(refs)
+    conds = []
+    for job, (ctx, neg_ctx), refs in zip(jobs, contexts, ref_pixels):
+        cfg = use_cfg(variant, job.guidance_scale)
+        cond = sampling.Conditioning(ctx=ctx, neg_ctx=neg_ctx, cfg_scale=job.guidance_scale if cfg else None,
+                                     guidance=opts.embedded_cfg_scale if variant.use_guidance_embed else None)
+        if refs:
+            with torch.no_grad():
+                cond.ref_tokens, cond.ref_ids = sampling.reference_tokens([ae.encode(x.to(device)) for x in refs])
+        conds.append(cond)
 
     dit = load_dit_for(opts, variant, device, dtype)
-    latents = sample_latents(dit, variant, cond, height, width, seed, steps, opts.flow_shift, device)
+    latents = [sample_latents(dit, variant, cond, job.height, job.width, job.seed, job.steps, job.flow_shift,
+                              device) for job, cond in zip(jobs, conds)]
     free(dit)
     del dit
 
     out_dir = Path(opts.save_path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{time.strftime('%Y%m%d-%H%M%S')}_{seed}"
-    meta = {"prompt": opts.prompt, "negative_prompt": opts.negative_prompt if cfg else "", "seed": str(seed),
-            "height": str(height), "width": str(width), "infer_steps": str(steps),
-            "model_version": variant.name, "guidance_scale": str(guidance_scale if cfg else ""),
+    written = []
+    for k, (job, latent) in enumerate(zip(jobs, latents)):
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}_" + (f"{k:03d}_" if opts.from_file else "") + str(job.seed)
+        written += write_outputs(opts, variant, job, latent, ae, device, out_dir / stem)
+    print(f"generated {len(written)} file(s) in {time.perf_counter() - t0:.1f} s: "
+          + ", ".join(str(p) for p in written))
+    return written
+
+
+def encode_prompts(opts: GenerateOptions, variant: Variant, jobs: list[PromptJob], device: torch.device,
+                   dtype: torch.dtype) -> list[tuple[Tensor, Tensor | None]]:
+    """(ctx, negative ctx or None) per job, the text encoder loaded once for all and freed afterwards."""
+    from flux2.text_encoder import load_text_encoder
+
+    te = load_text_encoder(opts.text_encoder, variant, tokenizer=opts.tokenizer, device=device,
+                           dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                           fp8=opts.fp8_text_encoder)
+    encoded: dict[str, Tensor] = {}
+
+    def encode(text: str) -> Tensor:
+        if text not in encoded:
+            encoded[text] = te.encode([text]).to(dtype)
+        return encoded[text]
+
+    out = [(encode(job.prompt), encode(job.negative_prompt) if use_cfg(variant, job.guidance_scale) else None)
+           for job in jobs]
+    free(te)
+    del te
+    return out
+
+
+def write_outputs(opts: GenerateOptions, variant: Variant, job: PromptJob, latents: Tensor, ae: torch.nn.Module,
+                  device: torch.device, stem: Path) -> list[Path]:
+    """The latent file and/or PNGs of one job, named `{stem}_latent.safetensors` / `{stem}_000.png`."""
+    cfg = use_cfg(variant, job.guidance_scale)
+    meta = {"prompt": job.prompt, "negative_prompt": job.negative_prompt if cfg else "", "seed": str(job.seed),
+            "height": str(job.height), "width": str(job.width), "infer_steps": str(job.steps),
+            "model_version": variant.name, "guidance_scale": str(job.guidance_scale if cfg else ""),
             "embedded_cfg_scale": str(opts.embedded_cfg_scale if variant.use_guidance_embed else "")}
+    if opts.lora_weight:
+        meta["loras"] = json.dumps(lora_list(opts))
     written = []
     if opts.output_type in ("latent", "latent_images"):
         from flux2.safetensors_io import save_file_atomic
 
-        path = out_dir / f"{stem}_latent.safetensors"
+        path = stem.with_name(f"{stem.name}_latent.safetensors")
         save_file_atomic({"latent": latents.contiguous()}, path, metadata=meta)
         written.append(path)
     if opts.output_type in ("images", "latent_images"):
         with torch.no_grad():
             pixels = ae.decode(latents.to(device))
         for i, im in enumerate(images.to_pil(pixels)):
-            path = out_dir / f"{stem}_{i:03d}.png"
+            path = stem.with_name(f"{stem.name}_{i:03d}.png")
             save_png(im, path, meta)
             written.append(path)
-    print(f"generated {len(written)} file(s) in {time.perf_counter() - t0:.1f} s: "
-          + ", ".join(str(p) for p in written))
     return written
+
+
+def lora_list(opts: GenerateOptions) -> list[list]:
+    """[[path, multiplier], ...] for metadata."""
+    mults = opts.lora_multiplier if len(opts.lora_multiplier) > 1 else opts.lora_multiplier * len(opts.lora_weight)
+    return [[str(p), float(m)] for p, m in zip(opts.lora_weight, mults)]
+
+
+def _apply_loras(dit: torch.nn.Module, opts: GenerateOptions, merge: bool) -> list:
+    from flux2.lora import apply_loras
+
+    networks = apply_loras(dit, opts.lora_weight, opts.lora_multiplier, opts.include_patterns,
+                           opts.exclude_patterns, merge=merge)
+    n_modules = sum(len(net.lora_modules) for net in networks)
+    print(f"{'merged' if merge else 'attached'} {len(networks)} LoRA file(s), {n_modules} modules")
+    return networks
 
 
 def load_dit_for(opts: GenerateOptions, variant: Variant, device: torch.device, dtype: torch.dtype
                  ) -> torch.nn.Module:
-    """The DiT on `device`; with blocks_to_swap, loaded to CPU first and then only the resident blocks move."""
+    """The DiT on `device` with the LoRAs applied (each merged exactly once); with blocks_to_swap, loaded to CPU
+    first and then only the resident blocks move.
+
+    fp8_scaled with merged LoRAs: loaded unquantised to the CPU, merged, then each block is moved to the device
+    and quantised there, so the device never holds the unquantised model."""
     from flux2.block_swap import enable_block_swap
+    from flux2.fp8 import quantize_linears
     from flux2.loading import load_dit
 
-    if not opts.blocks_to_swap:
-        return load_dit(opts.dit, variant, device=device, dtype=dtype, fp8_scaled=opts.fp8_scaled)
-    dit = load_dit(opts.dit, variant, device="cpu", dtype=dtype, fp8_scaled=opts.fp8_scaled)
-    enable_block_swap(dit, opts.blocks_to_swap, device)
+    merge_then_quantise = bool(opts.lora_weight) and opts.lora_merge and opts.fp8_scaled
+    on_cpu = bool(opts.blocks_to_swap) or merge_then_quantise
+    dit = load_dit(opts.dit, variant, device="cpu" if on_cpu else device, dtype=dtype,
+                   fp8_scaled=opts.fp8_scaled and not merge_then_quantise)
+    if opts.lora_weight:
+        networks = _apply_loras(dit, opts, merge=opts.lora_merge)
+        if not opts.lora_merge:
+            for network in networks:
+                network.to(device)  # attached updates run where the activations are
+    if merge_then_quantise:
+        # The same as quantize_linears(dit, dit_block_linear), one block at a time on the device.
+        for block in [*dit.double_blocks, *dit.single_blocks]:
+            if not opts.blocks_to_swap:
+                block.to(device)
+            quantize_linears(block, lambda name, module: True)
+    if opts.blocks_to_swap:
+        enable_block_swap(dit, opts.blocks_to_swap, device)
+    else:
+        dit.to(device)
     return dit
+
+
+def save_merged_dit(opts: GenerateOptions, variant: Variant) -> Path:
+    """Load the DiT unquantised on the CPU, merge the LoRAs and write it in the BFL layout, in the file's own
+    dtype (bfloat16 for an fp8 file) unless `opts.dtype` says otherwise."""
+    from flux2.loading import load_dit, save_dit
+    from flux2.safetensors_io import tensor_shapes
+
+    if opts.dtype is not None:
+        dtype = resolve_device_dtype("cpu", opts.dtype)[1]
+    else:
+        counts: dict[torch.dtype, int] = {}
+        for shape, dt in tensor_shapes(opts.dit).values():
+            counts[dt] = counts.get(dt, 0) + math.prod(shape)
+        dtype = max(counts, key=counts.get)
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            dtype = torch.bfloat16
+    t0 = time.perf_counter()
+    dit = load_dit(opts.dit, variant, device="cpu", dtype=dtype)
+    _apply_loras(dit, opts, merge=True)
+    path = Path(opts.save_merged_model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_dit(dit, path, {"flux2.variant": variant.name, "flux2.base_dit": str(opts.dit),
+                         "flux2.merged_loras": json.dumps(lora_list(opts))})
+    print(f"wrote the merged DiT {path} ({str(dtype).removeprefix('torch.')}) in {time.perf_counter() - t0:.1f} s")
+    return path
 
 
 def sample_latents(dit: torch.nn.Module, variant: Variant, cond: sampling.Conditioning, height: int, width: int,
