@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+# The temporary names used here and by safetensors_io.save_file_atomic: `.name.<12 hex>.tmp[.suffix]`.
+TEMPORARY_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp(\.[^.]*)?")
 
 
 @contextmanager
@@ -20,7 +25,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The temporary name keeps the suffix (`.manifest.1a2b3c.tmp.parquet`) so writers that pick a format from the
     extension still work. Parent folders are created. On error the temporary file is removed and the error is
-    raised again; `path` is untouched.
+    raised again (an OSError as an OSError of the same errno whose message names `path`); `path` is untouched.
 
         with atomic_path("reports/ingest.json") as tmp:
             tmp.write_text(...)
@@ -37,6 +42,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        if e.errno is None or str(path) in str(e):
+            raise
+        # A full disk, a file-size limit, a vanished folder: name the file the user knows, not the temporary one
+        # (OSError(errno, ...) keeps the subclass: ENOSPC stays OSError, ENOENT FileNotFoundError).
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}") from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -56,6 +67,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented, key-sorted JSON (stable bytes for the same content) to `path` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def remove_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporary files that writes killed midway (kill -9, power loss) left in `folder` (not below it);
+    returns how many. Call it only where no other process is writing into `folder` right now."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in folder.iterdir() if TEMPORARY_NAME.fullmatch(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -25,6 +25,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,14 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from flux2.atomic import atomic_path
+from flux2.atomic import atomic_path, remove_temporaries
 from flux2.safetensors_io import DTYPES, CheckpointError, read_header, save_file_atomic
 from flux2.variants import Variant, get_variant
 
 # Goes into every key: bump it when the layout of entries or the meaning of a key field changes.
 FORMAT_VERSION = "flux2-cache-1"
 INDEX_FILE = "index.parquet"
+LOCK_FILE = ".lock"  # held (flock) by the process that builds the folder
 SHARD_DIR = "shards"
 META_KEY = b"flux2.cache"
 CRC_META = "crc32"  # shard metadata: JSON {key: crc32} of its tensors
@@ -466,11 +468,48 @@ class BuildStats:
     seconds_load: float = 0.0  # waiting for inputs (this rank)
 
 
+@contextmanager
+def cache_lock(cache_dir: str | Path) -> Iterator[None]:
+    """Hold `cache_dir`'s lock file for the block; CacheError at once if another process holds it. It is an
+    flock: the kernel drops it when its holder exits, even by kill -9, so a crash never leaves a stale lock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / LOCK_FILE, "a") as f:  # stays empty, so the folder's content (and DVC hash) is stable
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(f"{cache_dir} is being built by another process right now (it holds "
+                             f"{cache_dir / LOCK_FILE}); wait for it to finish, or give this run another cache "
+                             f"folder") from None
+        yield
+
+
 def build_cache(cache_dir: str | Path, jobs: Iterable[Job], meta: dict[str, str],
                 load: Callable[[list[Job]], Any], encode: Callable[[Any], Tensor | list[Tensor]],
                 batch_size: int, shard_mb: int, dist: Dist | None = None, num_workers: int = 2,
                 progress: bool = True, desc: str = "cache", prepare: Callable[[], None] | None = None
                 ) -> BuildStats:
+    """Make `cache_dir` hold exactly the entries of `jobs` (deduplicated by key); see _build_cache.
+
+    One build per folder at a time: a second process (a second `flux2 cache-latents` on the same folder) is
+    refused with a CacheError instead of interleaving its shards, part indexes and deletions with the first's.
+    """
+    dist = dist or Dist()
+    with cache_lock(cache_dir) if dist.rank == 0 else nullcontext():
+        return _build_cache(cache_dir, jobs, meta, load, encode, batch_size, shard_mb, dist, num_workers, progress,
+                            desc, prepare)
+
+
+def _build_cache(cache_dir: str | Path, jobs: Iterable[Job], meta: dict[str, str],
+                 load: Callable[[list[Job]], Any], encode: Callable[[Any], Tensor | list[Tensor]],
+                 batch_size: int, shard_mb: int, dist: Dist | None = None, num_workers: int = 2,
+                 progress: bool = True, desc: str = "cache", prepare: Callable[[], None] | None = None
+                 ) -> BuildStats:
     """Make `cache_dir` hold exactly the entries of `jobs` (deduplicated by key).
 
     Entries already in the index whose checksums pass are reused; the rest are made by `encode(load(batch))`,
@@ -664,6 +703,7 @@ def _compact(cache_dir: Path, rows: list[dict], meta: dict[str, str], shard_mb: 
 def _delete_unreferenced(cache_dir: Path, referenced: set[str], kind: str) -> int:
     """Delete this kind's shards that no index row points at (and temporary files of interrupted writes);
     returns the count. Only files this code names (`<kind>-*.safetensors`) are ever deleted."""
+    remove_temporaries(cache_dir)  # of an index or mapping write that was killed
     folder = cache_dir / SHARD_DIR
     if not folder.is_dir():
         return 0

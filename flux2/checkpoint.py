@@ -2,9 +2,9 @@
 
 A checkpoint is a folder `step-00000100/` holding `lora.safetensors` (network weights), `optimizer.safetensors`
 (optimizer state tensors; param groups and scalars as JSON metadata) and `state.json` (step, data position, RNG,
-sha256 of the two tensor files). It is written under a temporary name and renamed into place, so a folder named
-`step-*` is always complete; `state.json`'s checksums catch later truncation or bit flips, and loading then
-falls back to the previous good checkpoint.
+sha256 of the two tensor files, and of the record itself). It is written under a temporary name and renamed into
+place, so a folder named `step-*` is always complete; the checksums catch later truncation or bit flips (in any of
+the three files), and loading then falls back to the previous good checkpoint.
 """
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 
+from flux2.lora_formats import check_finite
 from flux2.safetensors_io import CheckpointError, load_file, read_metadata, save_file_atomic
 
 FORMAT_VERSION = "1"
+FILES = ("lora.safetensors", "optimizer.safetensors")
 
 
 @dataclass
@@ -41,6 +43,12 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def record_digest(record: dict) -> str:
+    """sha256 of a state.json record without its own `record_sha256` (canonical JSON)."""
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -72,9 +80,13 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
 
 def save_checkpoint(folder: str | Path, state: TrainState, lora: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, keep_last: int = 2) -> Path:
-    """Write `folder/step-XXXXXXXX/` atomically and delete all but the newest `keep_last` checkpoints."""
+    """Write `folder/step-XXXXXXXX/` atomically and delete all but the newest `keep_last` checkpoints.
+    LoRA weights holding NaN or inf are refused (ValueError): such a checkpoint could only ruin a resumed run."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    check_finite(lora, folder / f"step-{state.step:08d}" / "lora.safetensors")
+    for stale in folder.glob(".tmp-step-*"):  # left by a run that was killed while writing (one writer per folder)
+        shutil.rmtree(stale, ignore_errors=True)
     final = folder / f"step-{state.step:08d}"
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -84,7 +96,8 @@ def save_checkpoint(folder: str | Path, state: TrainState, lora: dict[str, torch
         opt_tensors, opt_meta = optimizer_tensors(optimizer)
         save_file_atomic(opt_tensors, tmp / "optimizer.safetensors", metadata=opt_meta)
         record = {"format_version": FORMAT_VERSION, **asdict(state),
-                  "sha256": {name: sha256_file(tmp / name) for name in ("lora.safetensors", "optimizer.safetensors")}}
+                  "sha256": {name: sha256_file(tmp / name) for name in FILES}}
+        record["record_sha256"] = record_digest(record)
         (tmp / "state.json").write_text(json.dumps(record))
         if final.exists():
             shutil.rmtree(final)
@@ -106,15 +119,25 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 
 
 def verify_checkpoint(path: Path) -> dict:
-    """state.json of a checkpoint whose files match their recorded sha256; CheckpointError otherwise."""
+    """state.json of a checkpoint whose record and files match their recorded sha256; CheckpointError otherwise."""
+    state_file = path / "state.json"
     try:
-        record = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}/state.json is unreadable ({e})") from None
-    for name, digest in record.get("sha256", {}).items():
+        record = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{state_file} is unreadable ({e})") from None
+    if not isinstance(record, dict) or record.get("record_sha256") != record_digest(record):
+        raise CheckpointError(f"{state_file} is corrupted (checksum mismatch) or not a checkpoint record")
+    digests = record.get("sha256")
+    if not isinstance(digests, dict) or sorted(digests) != sorted(FILES):
+        raise CheckpointError(f"{state_file} lacks the checksums of {' and '.join(FILES)}")
+    for name in FILES:
         file = path / name
-        if not file.is_file() or sha256_file(file) != digest:
+        if not file.is_file() or sha256_file(file) != digests[name]:
             raise CheckpointError(f"{file} is missing or corrupted (checksum mismatch)")
+    ints = ("step", "epoch", "batch_in_epoch", "bad_steps")
+    if not (all(type(record.get(k, 0)) is int and record.get(k, 0) >= 0 for k in ints) and "step" in record
+            and isinstance(record.get("rng", []), list) and isinstance(record.get("extra", {}), dict)):
+        raise CheckpointError(f"{state_file} has malformed fields ({', '.join(ints)}, rng, extra)")
     return record
 
 
@@ -127,7 +150,12 @@ def load_latest_checkpoint(folder: str | Path, optimizer: torch.optim.Optimizer
             record = verify_checkpoint(path)
             lora = load_file(path / "lora.safetensors")
             opt_file = path / "optimizer.safetensors"
-            load_optimizer_tensors(optimizer, load_file(opt_file), read_metadata(opt_file))
+            try:
+                load_optimizer_tensors(optimizer, load_file(opt_file), read_metadata(opt_file))
+            except CheckpointError:
+                raise
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:  # state of another optimizer
+                raise CheckpointError(f"{opt_file} does not fit this optimizer ({type(e).__name__}: {e})") from None
         except CheckpointError as e:
             print(f"warning: skipping checkpoint {path.name}: {e}")
             continue

@@ -330,9 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        # Our errors carry a message a user can act on; show it without a traceback (FLUX2_DEBUG=1 for one).
-        if os.environ.get("FLUX2_DEBUG"):
+    except Exception as e:
+        from flux2.train import TrainingError
+
+        # Our errors (ValueError subclasses, OSErrors naming the path, a stopped training) carry a message a user
+        # can act on: show it without a traceback (FLUX2_DEBUG=1 for one). Anything else is a bug: raise it.
+        if not isinstance(e, (ValueError, OSError, TrainingError)) or os.environ.get("FLUX2_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -236,13 +236,16 @@ def _list_manifest(source: SourceParams, index: int) -> list[Entry]:
 def _manifest_path(value: str, folder: Path, root: Path, what: str, where: str) -> tuple[Path, tuple | None]:
     """A manifest path made absolute (relative to the manifest's folder; `..` removed, links kept as named), and
     checked, with every link resolved, to lie inside `root`."""
-    path = Path(os.path.normpath(folder / Path(value).expanduser()))
-    real = path.resolve()
+    reason = "image_missing" if what == "image" else "control_missing"
+    try:
+        path = Path(os.path.normpath(folder / Path(value).expanduser()))
+        real = path.resolve()
+    except ValueError as e:  # a NUL byte or a lone surrogate: no file can have this name
+        return Path(), (reason, f"{where}: {what} {value!r} is not a possible file name ({e})")
     if not real.is_relative_to(root):
         return path, ("path_outside_root", f"{where}: {what} {value} resolves to {real}, outside the dataset root "
                                            f"{root}; move it inside or set the source's root")
     if not real.is_file():
-        reason = "image_missing" if what == "image" else "control_missing"
         return path, (reason, f"{where}: {what} {value} does not exist")
     return path, None
 

@@ -197,7 +197,8 @@ def clip_scores(model_dir: str | Path, images: list[Image.Image], prompts: list[
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"eval.clip_model: {model_dir} is not a Hugging Face CLIP folder (no config.json); "
                                 "download one (e.g. openai/clip-vit-large-patch14) or unset eval.clip_model")
-    model = CLIPModel.from_pretrained(model_dir, dtype=torch.float32).eval().to(device)
+    # use_safetensors: a folder holding only pytorch_model.bin is refused rather than unpickled.
+    model = CLIPModel.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     processor = AutoImageProcessor.from_pretrained(model_dir)
     max_len = model.config.text_config.max_position_embeddings

@@ -235,6 +235,11 @@ def read_caption(entry: Entry) -> str:
                                                f"{e.start}); save it as UTF-8") from None
     elif entry.caption is not None:
         text = entry.caption
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate from a JSON escape: not writable as UTF-8
+            raise Rejected("caption_not_utf8", f"the caption holds {e.object[e.start]!r}, which is not UTF-8 "
+                                               "text") from None
     else:
         raise Rejected("caption_missing", "no caption")
     text = text.strip()

@@ -250,7 +250,7 @@ def _read_kohya(sd: dict[str, Tensor], origin: str) -> dict[str, LoRAWeights]:
     modules = {}
     for name, parts in groups.items():
         down, up = _pair(parts.get("lora_down.weight"), parts.get("lora_up.weight"), name, origin)
-        alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(down.shape[0])
+        alpha = _alpha(parts["alpha"], name, origin) if "alpha" in parts else float(down.shape[0])
         modules[module_path_from_kohya(name)] = LoRAWeights(down, up, alpha, name)
     return modules
 
@@ -261,10 +261,23 @@ def _pair(down: Tensor | None, up: Tensor | None, name: str, origin: str) -> tup
         missing = "down (lora_down / lora_A)" if down is None else "up (lora_up / lora_B)"
         raise LoRAFormatError(f"{origin}: module {name} has no {missing} matrix; the file is incomplete, "
                               "export it again")
-    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0] or down.shape[0] == 0:
         raise LoRAFormatError(f"{origin}: module {name} has down {tuple(down.shape)} and up {tuple(up.shape)}; "
-                              "expected down (rank, in) and up (out, rank) of one rank")
-    return down, up
+                              "expected down (rank, in) and up (out, rank) of one rank, at least 1")
+    if not (down.is_floating_point() and up.is_floating_point()):
+        raise LoRAFormatError(f"{origin}: module {name} stores {down.dtype} / {up.dtype} matrices; a LoRA holds "
+                              "floating-point weights")
+    # fp8 matrices are widened (exactly) to bf16: fp8 takes part in no arithmetic here.
+    return tuple(t.to(torch.bfloat16) if t.element_size() == 1 else t for t in (down, up))
+
+
+def _alpha(alpha: Tensor, name: str, origin: str) -> float:
+    """A module's alpha: one finite number."""
+    value = float(alpha.float().item()) if alpha.numel() == 1 else math.nan
+    if not math.isfinite(value):
+        shown = alpha.tolist() if alpha.numel() < 5 else f"of shape {tuple(alpha.shape)}"
+        raise LoRAFormatError(f"{origin}: module {name} has alpha {shown}; expected one finite number")
+    return value
 
 
 def _peft_config(metadata: dict[str, str], origin: str) -> dict | None:
@@ -276,6 +289,8 @@ def _peft_config(metadata: dict[str, str], origin: str) -> dict | None:
         config = json.loads(raw)
     except json.JSONDecodeError as e:
         raise LoRAFormatError(f"{origin}: its lora_adapter_metadata is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LoRAFormatError(f"{origin}: its lora_adapter_metadata is not a JSON object (a PEFT LoraConfig)")
     if any(k.startswith("transformer.") for k in config):
         config = {k[len("transformer."):]: v for k, v in config.items() if k.startswith("transformer.")}
     return config
@@ -326,9 +341,15 @@ def _read_ab(sd: dict[str, Tensor], fmt: str, metadata: dict[str, str], origin: 
         down, up = _pair(parts.get("down"), parts.get("up"), name, origin)
         rank = down.shape[0]
         if "alpha" in parts:
-            alpha = float(parts["alpha"].float().item())
+            alpha = _alpha(parts["alpha"], name, origin)
         else:
-            alpha = _peft_scale(config, name, rank) * rank
+            try:
+                alpha = _peft_scale(config, name, rank) * rank
+            except (TypeError, ValueError, re.error) as e:
+                raise LoRAFormatError(f"{origin}: its lora_adapter_metadata gives no usable alpha for {name} "
+                                      f"({e})") from None
+            if not math.isfinite(alpha):
+                raise LoRAFormatError(f"{origin}: its lora_adapter_metadata gives alpha {alpha} for {name}")
         if path in SWAPPED_HALVES and name != path:  # diffusers' [scale; shift] back to BFL's [shift; scale]
             up = torch.cat(up.chunk(2, dim=0)[::-1])
         known_count, known = pieces.setdefault(path, (count, {}))

@@ -6,9 +6,12 @@ One prompt per line; blank lines and lines starting with `#` are skipped. Option
     --n NEGATIVE PROMPT   --ci CONTROL_IMAGE (repeatable)   --fs FLOW_SHIFT
 e.g. `a red circle on a blue background --w 512 --h 256 --d 42 --n blurry, low quality`.
 Options not given stay None: the caller applies its defaults (size, steps, guidance of the variant; negative "").
+In a prompt file, `--ci` paths are relative to the file's folder and must stay inside it (`read_prompt_file` makes
+them absolute), so a prompt file cannot make a run read images from anywhere else.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,10 +74,14 @@ def parse_prompt_line(line: str, where: str = "prompt") -> SamplePrompt | None:
 
 def _number(value: str, flag: str, kind: type, where: str) -> int | float:
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
-        raise PromptFileError(f"{where}: --{flag} expects {'an integer' if kind is int else 'a number'}, "
-                              f"got {value!r}") from None
+        number = None
+    # `--g nan` / `--fs inf` parse as floats but would silently ruin every sample.
+    if number is None or (kind is float and not math.isfinite(number)):
+        raise PromptFileError(f"{where}: --{flag} expects {'an integer' if kind is int else 'a finite number'}, "
+                              f"got {value!r}")
+    return number
 
 
 def read_prompt_file(path: str | Path) -> list[SamplePrompt]:
@@ -90,8 +97,22 @@ def read_prompt_file(path: str | Path) -> list[SamplePrompt]:
     except UnicodeDecodeError as e:
         raise PromptFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     prompts = []
+    root = path.parent.resolve()
     for number, line in enumerate(lines, start=1):
         prompt = parse_prompt_line(line, f"{path}:{number}")
         if prompt is not None:
+            prompt.control_images = [_control_path(c, root, f"{path}:{number}") for c in prompt.control_images]
             prompts.append(prompt)
     return prompts
+
+
+def _control_path(value: str, root: Path, where: str) -> str:
+    """A `--ci` path of a prompt file, absolute, checked (links resolved) to lie inside the file's folder."""
+    try:
+        resolved = (root / Path(value).expanduser()).resolve()
+    except (ValueError, RuntimeError) as e:  # a NUL byte, a lone surrogate, a symlink loop
+        raise PromptFileError(f"{where}: --ci {value!r} is not a usable path ({e})") from None
+    if not resolved.is_relative_to(root):
+        raise PromptFileError(f"{where}: --ci {value} resolves to {resolved}, outside the prompt file's folder "
+                              f"{root}; put the control image in that folder (or below it)")
+    return str(resolved)

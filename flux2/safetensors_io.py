@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 MAX_HEADER_BYTES = 100_000_000  # real headers are kilobytes to a few MB; a bigger length means garbage
@@ -107,7 +107,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
         raw = f.read(header_len)  # header_len checked against the file size above
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # deep nesting: RecursionError
         reason = _not_safetensors(path, first)
         raise CheckpointError(reason or f"{path} is not a safetensors file: its header is not valid JSON ({e}); "
                               "the file is damaged or of another kind") from None
@@ -185,7 +185,11 @@ def iter_tensors(path: str | os.PathLike, keys: Iterable[str] | None = None, dev
     if missing:
         raise CheckpointError(f"{path} has no tensor named {', '.join(map(repr, missing[:5]))}"
                               + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
+    try:
+        f = safe_open(str(path), framework="pt", device=str(device))
+    except SafetensorError as e:  # what the Rust parser refuses beyond our checks (NaN literals, lone surrogates)
+        raise CheckpointError(f"{path} is not a valid safetensors file ({e}); download it again") from None
+    with f:
         for key in wanted:
             yield key, f.get_tensor(key)
 

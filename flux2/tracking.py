@@ -7,6 +7,7 @@ into folders that are deleted afterwards.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,29 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+def init_store(uri: str) -> None:
+    """Create a missing sqlite tracking database whole or not at all. MLflow builds its tables in dozens of
+    migration steps, and a run killed among them leaves a database that every later run refuses ("table ...
+    already exists"); so the database is built under a temporary name and then linked into place."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if db.exists():
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db.with_name(f".{db.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        SqlAlchemyStore(f"sqlite:///{tmp}", artifact_location(uri)).engine.dispose()
+        try:
+            os.link(tmp, db)  # not os.replace: a database that another process made meanwhile is kept
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def experiment_id(client: Any, name: str, uri: str) -> str:
     """Get or create the experiment, with an absolute artifact location beside a sqlite store."""
     exp = client.get_experiment_by_name(name)
@@ -54,6 +78,7 @@ class Run:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         from mlflow.tracking import MlflowClient
 
+        init_store(uri)
         self.client = MlflowClient(tracking_uri=uri)
         if run_id is None:
             run_id = self.client.create_run(experiment_id(self.client, experiment, uri), run_name=run_name).info.run_id

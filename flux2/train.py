@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from flux2 import sampling, timesteps
-from flux2.atomic import atomic_write_json, atomic_write_text
+from flux2.atomic import atomic_write_json, atomic_write_text, remove_temporaries
 from flux2.checkpoint import TrainState, list_checkpoints, load_latest_checkpoint, save_checkpoint
 from flux2.optim import build_optimizer, lr_factor
 from flux2.params import Params, to_flat_dict
@@ -227,6 +227,8 @@ def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResu
         run = Run(tracking_uri(p.tracking.tracking_uri), p.tracking.experiment,
                   run_id=train_state.extra.get("mlflow_run_id"), run_name=t_cfg.output_name)
         train_state.extra["mlflow_run_id"] = run.run_id
+        if resumed is not None:
+            run.client.update_run(run.run_id, status="RUNNING")  # it failed or was killed before
         if resumed is None:
             run.log_params(to_flat_dict(p))
             tags = {"flux2.variant": variant.name, "flux2.commit": git_commit(base),
@@ -307,6 +309,7 @@ def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResu
         lora_path = out_dir / f"{t_cfg.output_name}.safetensors"
         if main:
             out_dir.mkdir(parents=True, exist_ok=True)
+            remove_temporaries(out_dir)  # of a LoRA write that a killed run left
             meta = {"ss_training_comment": "flux2", "ss_steps": str(train_state.step), "ss_seed": str(t_cfg.seed),
                     "ss_learning_rate": str(t_cfg.learning_rate), "ss_optimizer": t_cfg.optimizer_type,
                     "ss_timestep_sampling": t_cfg.timestep_sampling, "ss_weighting_scheme": t_cfg.weighting_scheme,
@@ -330,8 +333,9 @@ def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResu
         return TrainResult(lora_path, train_state.step, loss_value, train_state.bad_steps,
                            run.run_id if run else None)
     except BaseException:
+        bar.close()
         if run is not None:
-            run.flush()
+            run.end("FAILED")  # a resumed run sets it RUNNING again
         raise
 
 
@@ -358,11 +362,13 @@ def _checkpoint(main: bool, ckpt_dir: Path, state: TrainState, network: torch.nn
                 optimizer: torch.optim.Optimizer, history: list, history_path: Path, run) -> None:
     if not main:
         return
-    save_checkpoint(ckpt_dir, state, network.state_dict(), optimizer)
+    # The loss history and the MLflow metrics first: a checkpoint means "resume after this step", so a kill
+    # between the writes must never leave one whose steps the history lacks (a resume would not log them again).
     history_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(history_path, "step,loss,lr\n" + "".join(f"{s},{l!r},{r!r}\n" for s, l, r in history))
     if run is not None:
         run.flush()
+    save_checkpoint(ckpt_dir, state, network.state_dict(), optimizer)
 
 
 def _samples(p: Params, base: Path, variant: Variant, dit: torch.nn.Module, device: torch.device,

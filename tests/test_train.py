@@ -136,17 +136,21 @@ def test_two_processes_equal_one_process_on_the_combined_batch(pipeline, tmp_pat
     single = tmp_path / "single"
     shutil.copytree(pipeline, single)
     (single / "params.yaml").write_text((pipeline / "params.yaml").read_text().replace(str(pipeline), str(single)))
-    train(single, "--max_train_steps", "2", "--batch_size", "2", "--save_every_n_steps", "0")
+    # SGD: the update is proportional to the gradient, so this compares the averaged gradients themselves (Adam's
+    # first steps are sign-like and would magnify last-bit differences of near-zero gradients).
+    sgd = ("--optimizer_type", "torch.optim.SGD", "--learning_rate", "0.5")
+    train(single, "--max_train_steps", "2", "--batch_size", "2", "--save_every_n_steps", "0", *sgd)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     # accelerate's --cpu launcher starts one process; --multi_gpu is its torchrun launcher, which on a machine
     # without GPUs starts CPU processes that talk over gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flux2.cli", "train",
            "--params", str(pipeline / "params.yaml"), "--max_train_steps", "2", "--batch_size", "1",
-           "--save_every_n_steps", "0"]
+           "--save_every_n_steps", "0", *sgd]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 process(es)" in out.stdout
     a, b = lora(single), lora(pipeline)
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_up" in k)
+    for k in a:  # equal up to float rounding (a batch of 2 and two batches of 1 sum in another order)
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
