@@ -1,10 +1,12 @@
-"""Atomic file writes: a reader (or a crashed run) sees either the complete new file or the old one, never half.
+"""Files on disk: atomic writes (a reader, or a crashed run, sees either the complete new file or the old one,
+never half) and content hashes.
 
 Every stage writes its outputs through these (JSON, Parquet, PNG, ...); safetensors have their own
 `safetensors_io.save_file_atomic`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -13,6 +15,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # The temporary names used here and by safetensors_io.save_file_atomic: `.name.<12 hex>.tmp[.suffix]`.

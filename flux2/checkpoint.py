@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from flux2.atomic import sha256_file
 from flux2.lora_formats import check_finite
 from flux2.safetensors_io import CheckpointError, load_file, read_metadata, save_file_atomic
 
@@ -36,13 +37,6 @@ class TrainState:
     rng: list[int] = field(default_factory=list)  # torch CPU RNG state bytes
     extra: dict[str, Any] = field(default_factory=dict)
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def record_digest(record: dict) -> str:

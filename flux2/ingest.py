@@ -7,7 +7,6 @@ Reason codes are stable: see REASONS.
 """
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from flux2.atomic import atomic_path, atomic_write_json
+from flux2.atomic import atomic_path, atomic_write_json, sha256_file
 from flux2.buckets import select_bucket, target_size
 from flux2.dataset import Entry, collect_sources, describe, list_entries
 from flux2.images import ImageError, open_rgb
@@ -193,7 +192,7 @@ def check_image(path: Path, min_side: int, max_pixels: int) -> tuple[int, int, s
         im = open_rgb(path, max_pixels)
     except ImageError as e:
         raise Rejected("unreadable", _strip_path(e, path)) from None
-    return im.width, im.height, file_sha256(path)
+    return im.width, im.height, sha256_file(path)
 
 
 def probe_size(path: Path) -> tuple[int, int]:
@@ -215,7 +214,7 @@ def check_control(path: Path, max_pixels: int, base: Path) -> Control:
         im = open_rgb(path, max_pixels)
     except ImageError as e:
         raise Rejected("control_unreadable", f"{relative(path, base)}: {_strip_path(e, path)}") from None
-    return Control(relative(path, base), file_sha256(path), im.width, im.height)
+    return Control(relative(path, base), sha256_file(path), im.width, im.height)
 
 
 def read_caption(entry: Entry) -> str:
@@ -247,13 +246,6 @@ def read_caption(entry: Entry) -> str:
         raise Rejected("caption_empty", f"{entry.caption_file.name if entry.caption_file else 'caption'} is empty")
     return text
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def holdout_split(sha256s: list[str], fraction: float) -> list[str]:

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from flux2 import sampling, timesteps
-from flux2.atomic import atomic_write_json, atomic_write_text, remove_temporaries
+from flux2.atomic import atomic_write_json, atomic_write_text, remove_temporaries, sha256_file
 from flux2.checkpoint import TrainState, list_checkpoints, load_latest_checkpoint, save_checkpoint
 from flux2.optim import build_optimizer, lr_factor
 from flux2.params import Params, to_flat_dict
@@ -76,13 +76,6 @@ def git_commit(root: Path) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def run_fingerprint(p: Params, manifest_sha: str, latents_meta: dict, text_meta: dict, world_size: int) -> str:

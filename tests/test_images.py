@@ -12,7 +12,7 @@ def test_tensor_pil_round_trip_is_exact():
     assert x.shape == (3, 16, 24) and x.min() >= -1 and x.max() <= 1
     (back,) = images.to_pil(x[None])
     assert back.mode == "RGB" and back.size == (24, 16)
-    assert torch.equal(torch.from_numpy(__import__("numpy").asarray(back)), pixels)
+    assert torch.equal(torch.from_numpy(__import__("numpy").array(back)), pixels)
     clamped = images.to_pil(torch.tensor([-2.0, 0.0, 2.0]).view(1, 3, 1, 1))[0].getpixel((0, 0))
     assert clamped == (0, 128, 255)
 

@@ -463,7 +463,8 @@ def checkpoint_folders(draw):
 def test_checkpoint_loader_skips_or_refuses_bad_checkpoints(case):
     """load_latest_checkpoint never crashes on a damaged or lying checkpoint: it falls back to an older one (or
     to None) and says which file was wrong; whatever it returns was really saved."""
-    from flux2.checkpoint import TrainState, load_latest_checkpoint, record_digest, save_checkpoint, sha256_file
+    from flux2.atomic import sha256_file
+    from flux2.checkpoint import TrainState, load_latest_checkpoint, record_digest, save_checkpoint
 
     lora_kind, opt_kind, state_kind = case
     param = torch.nn.Parameter(torch.ones(4, 3))
