@@ -278,7 +278,7 @@ class CacheReader:
         return self._entry(key)[2]
 
     def get(self, key: str) -> Tensor:
-        """The tensor stored under `key` (a fresh CPU tensor)."""
+        """The tensor stored under `key`, on the CPU, read from the memory-mapped shard (no copy of the shard)."""
         shard, name, shape, dtype, crc = self._entry(key)
         path = self.cache_dir / shard
         try:
