@@ -99,6 +99,7 @@ class TrainParams:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "bf16"  # bf16 | no
     gradient_checkpointing: bool = True
+    fsdp: bool = False  # shard the frozen DiT over the processes (accelerate launch), e.g. dev on 80 GB cards
     max_train_steps: int | None = 1000
     max_train_epochs: int | None = None
     seed: int = 42
@@ -265,6 +266,9 @@ def load_params(path: str | Path = "params.yaml", check_paths: bool = True) -> P
 def check_semantics(p: Params) -> None:
     """Cross-field rules that types cannot express."""
     t = p.train
+    if t.fsdp and p.model.blocks_to_swap:
+        raise ParamsError("train.fsdp: cannot be combined with model.blocks_to_swap (both decide where the "
+                          "weights live); use one")
     if p.model.fp8_scaled and not p.model.fp8_base:
         raise ParamsError("model.fp8_scaled: needs model.fp8_base: true (scaled fp8 is a form of fp8 base)")
     if p.model.blocks_to_swap < 0 or p.model.blocks_to_swap > VARIANTS[p.model.model_version].max_blocks_to_swap:

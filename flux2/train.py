@@ -180,9 +180,14 @@ def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResu
     fingerprint = run_fingerprint(p, sha256_file(manifest), data.latents.meta, data.text.meta, world)
     steps_total = total_steps(p, data)
 
-    dit = load_dit(base / p.model.dit, variant, device="cpu" if p.model.blocks_to_swap else device, dtype=dtype,
+    on_cpu_first = p.model.blocks_to_swap or t_cfg.fsdp
+    dit = load_dit(base / p.model.dit, variant, device="cpu" if on_cpu_first else device, dtype=dtype,
                    fp8_scaled=p.model.fp8_base or p.model.fp8_scaled)
     dit.gradient_checkpointing = t_cfg.gradient_checkpointing
+    if t_cfg.fsdp:
+        from flux2.sharding import shard_dit
+
+        shard_dit(dit, device)
     if p.model.blocks_to_swap:
         from flux2.block_swap import enable_block_swap
 

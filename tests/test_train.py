@@ -129,28 +129,45 @@ def test_batches_are_deterministic_and_caption_dropout_uses_the_empty_embedding(
     assert all(torch.equal(c, empty) for c in dropped.ctx)
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one_process_on_the_combined_batch(pipeline, tmp_path):
-    import shutil
-
-    single = tmp_path / "single"
-    shutil.copytree(pipeline, single)
-    (single / "params.yaml").write_text((pipeline / "params.yaml").read_text().replace(str(pipeline), str(single)))
-    # SGD: the update is proportional to the gradient, so this compares the averaged gradients themselves (Adam's
-    # first steps are sign-like and would magnify last-bit differences of near-zero gradients).
-    sgd = ("--optimizer_type", "torch.optim.SGD", "--learning_rate", "0.5")
-    train(single, "--max_train_steps", "2", "--batch_size", "2", "--save_every_n_steps", "0", *sgd)
+def launch_two(pipeline: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     # accelerate's --cpu launcher starts one process; --multi_gpu is its torchrun launcher, which on a machine
     # without GPUs starts CPU processes that talk over gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flux2.cli", "train",
-           "--params", str(pipeline / "params.yaml"), "--max_train_steps", "2", "--batch_size", "1",
-           "--save_every_n_steps", "0", *sgd]
+           "--params", str(pipeline / "params.yaml"), *extra]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 process(es)" in out.stdout
-    a, b = lora(single), lora(pipeline)
+    return out
+
+
+def copy_pipeline(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "params.yaml").write_text((src / "params.yaml").read_text().replace(str(src), str(dst)))
+    return dst
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_on_the_combined_batch_with_and_without_fsdp(pipeline, tmp_path):
+    single = copy_pipeline(pipeline, tmp_path / "single")
+    sharded = copy_pipeline(pipeline, tmp_path / "sharded")
+    # SGD: the update is proportional to the gradient, so this compares the averaged gradients themselves (Adam's
+    # first steps are sign-like and would magnify last-bit differences of near-zero gradients).
+    run = ("--max_train_steps", "2", "--save_every_n_steps", "0", "--optimizer_type", "torch.optim.SGD",
+           "--learning_rate", "0.5")
+    train(single, *run, "--batch_size", "2")
+    launch_two(pipeline, *run, "--batch_size", "1")
+    launch_two(sharded, *run, "--batch_size", "1", "--fsdp")  # the frozen DiT sharded over the two processes
+    a = lora(single)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_up" in k)
-    for k in a:  # equal up to float rounding (a batch of 2 and two batches of 1 sum in another order)
-        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    for other in (lora(pipeline), lora(sharded)):
+        for k in a:  # equal up to float rounding (a batch of 2 and two batches of 1 sum in another order)
+            assert torch.allclose(a[k], other[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_fsdp_needs_several_processes(pipeline, capsys):
+    assert main(["train", "--params", str(pipeline / "params.yaml"), "--fsdp"]) == 2
+    assert "train.fsdp needs several processes" in capsys.readouterr().err
