@@ -46,15 +46,24 @@ def record_digest(record: dict) -> str:
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Flatten an optimizer state_dict: tensors by `state.<param>.<name>`, everything else as JSON metadata."""
+    """Flatten an optimizer state_dict: tensors by `state.<param>.<name>` (nested dicts, such as bitsandbytes'
+    quantisation state, as `<name>/<inner name>`), everything else as JSON metadata."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
+
+    def walk(idx: int, path: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for name, inner in value.items():
+                walk(idx, f"{path}/{name}", inner)
+        elif torch.is_tensor(value):
+            # clone: bitsandbytes shares one qmap tensor between parameters, and safetensors refuses sharing
+            tensors[f"state.{idx}.{path}"] = value.detach().cpu().clone()
+        else:
+            scalars[f"{idx}.{path}"] = value
+
     for idx, state in sd["state"].items():
         for name, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{name}"] = value
+            walk(idx, name, value)
     meta = {"param_groups": json.dumps(sd["param_groups"]), "scalars": json.dumps(scalars)}
     return tensors, meta
 
@@ -63,12 +72,20 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
                            meta: dict[str, str]) -> None:
     """The inverse of optimizer_tensors."""
     state: dict[int, dict[str, Any]] = {}
+
+    def put(idx: int, path: str, value: Any) -> None:
+        *outer, name = path.split("/")
+        node = state.setdefault(idx, {})
+        for part in outer:
+            node = node.setdefault(part, {})
+        node[name] = value
+
     for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
+        _, idx, path = key.split(".", 2)
+        put(int(idx), path, value)
     for key, value in json.loads(meta["scalars"]).items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        idx, path = key.split(".", 1)
+        put(int(idx), path, value)
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
 
 

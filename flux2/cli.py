@@ -210,6 +210,14 @@ def run_cache_text(args: argparse.Namespace) -> None:
     cache_text(config_from_args(args))
 
 
+def optional(kind: type):
+    """An argparse type for an `X | None` option: `null` or `none` give None."""
+    def convert(value: str):
+        return None if value.lower() in ("null", "none") else kind(value)
+    convert.__name__ = kind.__name__  # argparse names the type in its error messages
+    return convert
+
+
 def add_group_options(p: argparse.ArgumentParser, cls: type, group: str) -> None:
     """One `--field` option per field of a params dataclass (seed names), default: the params.yaml value."""
     import dataclasses
@@ -225,7 +233,8 @@ def add_group_options(p: argparse.ArgumentParser, cls: type, group: str) -> None
         base = options[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(options) == 1 \
             else tp
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw: dict = {"default": None, "dest": f"{group}.{f.name}", "help": f"default: {default!r}"}
+        # SUPPRESS: an option not given leaves no attribute, so `--max_train_steps null` can set None.
+        kw: dict = {"default": argparse.SUPPRESS, "dest": f"{group}.{f.name}", "help": f"default: {default!r}"}
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) is list:
@@ -233,7 +242,7 @@ def add_group_options(p: argparse.ArgumentParser, cls: type, group: str) -> None
             item = typing.get_args(base)[0]
             kw["type"] = item if item in (int, float, str) else str
         elif base in (int, float, str):
-            kw["type"] = base
+            kw["type"] = base if base is tp else optional(base)
         else:  # dicts and unions such as int | list[int]
             kw["type"] = json.loads
             kw["help"] += " (JSON)"
@@ -255,7 +264,7 @@ def params_with_overrides(args: argparse.Namespace):
         raise ParamsError(f"{path}: not found; pass --params PATH")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     for dest, value in vars(args).items():
-        if "." in dest and value is not None:
+        if "." in dest:
             group, key = dest.split(".", 1)
             data.setdefault(group, {})[key] = value
     params = parse_params(data, str(path))

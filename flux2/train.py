@@ -148,7 +148,7 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
 def total_steps(p: Params, data: TrainData) -> int:
     if p.train.max_train_steps is not None:
         return p.train.max_train_steps
-    return p.train.max_train_epochs * math.ceil(data.batches_per_epoch / p.train.gradient_accumulation_steps)
+    return p.train.max_train_epochs * data.batches_per_epoch
 
 
 def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResult:
@@ -176,7 +176,7 @@ def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResu
 
     manifest = base / p.dataset.manifest
     data = TrainData(manifest, base / p.cache.latents_dir, base / p.cache.text_dir, variant, t_cfg.batch_size,
-                     world, t_cfg.seed, t_cfg.caption_dropout_rate)
+                     world, t_cfg.seed, t_cfg.caption_dropout_rate, t_cfg.gradient_accumulation_steps)
     fingerprint = run_fingerprint(p, sha256_file(manifest), data.latents.meta, data.text.meta, world)
     steps_total = total_steps(p, data)
 
@@ -255,9 +255,8 @@ def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResu
                 group["lr"] = lr
             loss_sum = 0.0
             for micro in range(t_cfg.gradient_accumulation_steps):
-                index = step * t_cfg.gradient_accumulation_steps + micro
-                torch.manual_seed(mix_seed(t_cfg.seed, index, 7919))  # LoRA dropouts
-                batch = data.micro_batch(index, rank)
+                torch.manual_seed(mix_seed(t_cfg.seed, step, micro, rank, 7919))  # LoRA dropouts
+                batch = data.micro_batch(step, micro, rank)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t_cfg.mixed_precision == "bf16"):
                     loss = flux_loss(dit, batch, variant, p, device)
                 (loss / t_cfg.gradient_accumulation_steps).backward()
@@ -292,7 +291,7 @@ def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResu
             bar.update()
             if main:
                 metrics = {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed,
-                           "samples_per_s": data.global_batch * t_cfg.gradient_accumulation_steps / elapsed,
+                           "samples_per_s": data.global_batch / elapsed,
                            "peak_memory_gib": peak_memory_gib(device)}
                 history.append((train_state.step, loss_sum, lr))
                 if train_state.step % t_cfg.log_every_n_steps == 0:

@@ -1,10 +1,11 @@
 """Training batches from the caches: which items, in which order, with which noise - all from the seed.
 
 Items (manifest rows of the train split, repeated `num_repeats` times) are grouped by shape: bucket size and the
-shapes of their control latents, so a batch stacks. Each epoch's order is a permutation drawn from (seed, epoch);
-a global batch holds `batch_size * world_size` items of one group and every process takes its slice. Noise,
-timesteps and caption dropout of a sample are drawn from a generator seeded by (seed, micro-batch, position), so
-a resumed run and a multi-process run see exactly what an uninterrupted single-process run sees.
+shapes of their control latents, so a batch stacks. Each epoch's order is a permutation drawn from (seed, epoch).
+One optimizer step consumes a global batch of `batch_size * world_size * accumulation` items of one group; each
+process takes its slice of each of its micro-batches. Noise, timesteps and caption dropout of a sample are drawn
+from a generator seeded by (seed, step, position in the global batch), so a resumed run, a multi-process run and
+a run with gradient accumulation see exactly what an uninterrupted single-process run with the whole batch sees.
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ class TrainData:
     """The training split of a manifest, readable batch by batch from the latent and text caches."""
 
     def __init__(self, manifest: str | Path, latents_dir: str | Path, text_dir: str | Path, variant: Variant,
-                 batch_size: int, world_size: int = 1, seed: int = 0, caption_dropout_rate: float = 0.0):
+                 batch_size: int, world_size: int = 1, seed: int = 0, caption_dropout_rate: float = 0.0,
+                 accumulation: int = 1):
         self.latents = CacheReader(latents_dir)
         self.text = CacheReader(text_dir)
         check_cache_compatible(self.latents, variant, "latents")
@@ -84,6 +86,7 @@ class TrainData:
                              f"eval.holdout_fraction or add images")
         self.batch_size = batch_size
         self.world_size = world_size
+        self.accumulation = accumulation
         self.seed = seed
         self.caption_dropout_rate = caption_dropout_rate
         self._epoch: tuple[int, list[list[int]]] | None = None
@@ -91,10 +94,11 @@ class TrainData:
 
     @property
     def global_batch(self) -> int:
-        return self.batch_size * self.world_size
+        """Items per optimizer step, over all processes and accumulated micro-batches."""
+        return self.batch_size * self.world_size * self.accumulation
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """Global batches (lists of item indices) of one epoch, in order."""
+        """Global batches (lists of item indices) of one epoch, one per optimizer step, in order."""
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
         groups: dict[tuple, list[int]] = {}
         for i, item in enumerate(self.items):
@@ -112,19 +116,19 @@ class TrainData:
                 batches.append(chunk)
         return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
 
-    def micro_batch(self, index: int, rank: int = 0) -> Batch:
-        """The `index`-th global micro-batch of the run (epochs run on), this process's slice."""
-        epoch, pos = divmod(index, self.batches_per_epoch)
+    def micro_batch(self, step: int, micro: int = 0, rank: int = 0) -> Batch:
+        """This process's slice of micro-batch `micro` of optimizer step `step` (epochs run on)."""
+        epoch, pos = divmod(step, self.batches_per_epoch)
         if self._epoch is None or self._epoch[0] != epoch:
             self._epoch = (epoch, self.epoch_batches(epoch))
         global_items = self._epoch[1][pos]
-        lo = rank * self.batch_size
+        lo = (micro * self.world_size + rank) * self.batch_size
         mine = global_items[lo : lo + self.batch_size]
         latents, ctx, noise, normal, uniform = [], [], [], [], []
         controls: list[list[Tensor]] = [[] for _ in self.items[mine[0]].control_keys]
         for j, item_index in enumerate(mine):
             item = self.items[item_index]
-            g = torch.Generator().manual_seed(mix_seed(self.seed, index, lo + j))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, step, lo + j))
             x0 = self.latents.get(item.latent_key).float()
             latents.append(x0)
             noise.append(torch.randn(x0.shape, generator=g))
