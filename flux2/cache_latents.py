@@ -23,6 +23,7 @@ import torch
 
 from flux2.cache_store import (BuildStats, CacheError, Dist, Job, build_cache, content_key, peak_rss_mb,
                                write_mapping)
+from flux2.loading import resolve_device
 from flux2.variants import Variant, get_variant
 
 ITEMS_FILE = "items.parquet"
@@ -124,10 +125,9 @@ def load_image(path: Path, sha256: str, size: tuple[int, int]) -> torch.Tensor:
     return to_tensor(resize_cover_crop(open_rgb(path), *size))
 
 
-def resolve_device(device: str, dist: Dist) -> torch.device:
-    if device == "auto":
-        return dist.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def process_device(device: str, dist: Dist) -> torch.device:
+    """`device`, where "auto" is the device accelerate gave this process (else the usual choice)."""
+    return dist.device if device == "auto" and dist.device is not None else resolve_device(device)
 
 
 def cache_latents(cfg: LatentsConfig, dist: Dist | None = None) -> dict[str, Any]:
@@ -144,7 +144,7 @@ def cache_latents(cfg: LatentsConfig, dist: Dist | None = None) -> dict[str, Any
     rows = read_manifest(cfg.manifest)
     jobs, items = plan_latents(rows, Path(cfg.base), ae_fp, cfg.vae_dtype)
     meta = latents_meta(variant, ae_fp, cfg.vae_dtype)
-    device = resolve_device(cfg.device, dist)
+    device = process_device(cfg.device, dist)
     dtype = DTYPES[cfg.vae_dtype]
     ae = None
 

@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from flux2.cache_latents import DTYPES, finish_report, make_report, resolve_device, run_ingest
+from flux2.cache_latents import DTYPES, finish_report, make_report, process_device, run_ingest
 from flux2.cache_store import CacheError, Dist, Job, build_cache, content_key, write_mapping
+from flux2.loading import resolve_dtype
 from flux2.variants import Variant, get_variant
 
 PROMPTS_FILE = "prompts.parquet"
@@ -109,14 +110,6 @@ def collect_prompts(captions: list[str], eval_prompts: list[str] = (), sample_pr
     return roles
 
 
-def encoder_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: use auto, float32 or bfloat16")
-    return DTYPES[dtype]
-
-
 def cache_text(cfg: TextConfig, dist: Dist | None = None) -> dict[str, Any]:
     """Bring cfg.cache_dir up to date with the prompts; returns (and writes to cfg.report) the report."""
     from flux2.text_encoder import load_text_encoder
@@ -125,8 +118,8 @@ def cache_text(cfg: TextConfig, dist: Dist | None = None) -> dict[str, Any]:
     variant = get_variant(cfg.model_version)
     if cfg.text_dtype not in DTYPES:
         raise ValueError(f"text_dtype {cfg.text_dtype!r}: use float32 or bfloat16")
-    device = resolve_device(cfg.device, dist)
-    dtype = encoder_dtype(cfg.dtype, device)
+    device = process_device(cfg.device, dist)
+    dtype = resolve_dtype(cfg.dtype, device)
     identity = text_identity(cfg.text_encoder, variant, cfg.tokenizer, dtype, cfg.fp8_text_encoder)
     captions = []
     if cfg.manifest is not None:

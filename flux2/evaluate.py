@@ -254,7 +254,7 @@ def run_models(p: Params, base: Path, variant: Variant, lora_path: Path, loss_it
     from flux2.generate import free
     from flux2.loading import load_dit
     from flux2.lora import apply_loras
-    from flux2.train import resolve_device, resolve_dtype
+    from flux2.loading import resolve_device, resolve_dtype
 
     e = p.eval
     device = resolve_device(p.model.device)
@@ -350,7 +350,7 @@ def evaluate(p: Params, base: Path = Path("."), progress: bool = True) -> dict:
     from flux2.cache_text import read_prompt_map
     from flux2.generate import free
     from flux2.loading import load_ae
-    from flux2.train import resolve_device
+    from flux2.loading import resolve_device
 
     t0 = time.perf_counter()
     e = p.eval

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from flux2 import images, sampling
 from flux2.autoencoder import check_image_size
+from flux2.loading import resolve_device, resolve_dtype
 from flux2.variants import Variant, get_variant
 
 ONE_REF_MAX_AREA = 2024 * 2024  # BFL: a single reference image may be up to ~4 MP
@@ -79,17 +80,6 @@ class PromptJob:
     seed: int
     flow_shift: float | None
     control_image_path: list[str]
-
-
-def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    try:
-        return dev, {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-                     "fp32": torch.float32}[dtype]
-    except KeyError:
-        raise ValueError(f"dtype {dtype!r}: use bfloat16 or float32") from None
 
 
 def free(*models: object) -> None:
@@ -174,7 +164,8 @@ def generate(opts: GenerateOptions) -> list[Path]:
     variant = get_variant(opts.model_version)
     if opts.output_type not in ("images", "latent", "latent_images"):
         raise ValueError(f"--output_type {opts.output_type!r}: use images, latent or latent_images")
-    device, dtype = resolve_device_dtype(opts.device, opts.dtype)
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
     check_lora_files(opts)
     if opts.save_merged_model:
         return [save_merged_dit(opts, variant)]
@@ -319,7 +310,7 @@ def save_merged_dit(opts: GenerateOptions, variant: Variant) -> Path:
     from flux2.safetensors_io import tensor_shapes
 
     if opts.dtype is not None:
-        dtype = resolve_device_dtype("cpu", opts.dtype)[1]
+        dtype = resolve_dtype(opts.dtype, torch.device("cpu"))
     else:
         counts: dict[torch.dtype, int] = {}
         for shape, dt in tensor_shapes(opts.dit).values():

@@ -29,6 +29,26 @@ _SCALED_FP8 = re.compile(r"(\.(scale_weight|weight_scale|scale_input|input_scale
 
 ShapeTable = dict[str, tuple[Shape, torch.dtype]]
 
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.device:
+    """"auto" (or None): this process's CUDA device when there is one, else the CPU; otherwise the named one."""
+    if name in (None, "auto"):
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """"auto" (or None): bfloat16 on CUDA, float32 on the CPU; otherwise bfloat16 / float32 (bf16 / fp32)."""
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype {name!r}: use auto, bfloat16 or float32") from None
+
+
 
 @dataclass(frozen=True)
 class DitInfo:

@@ -57,18 +57,6 @@ def distilled_warning(variant: Variant) -> str | None:
             f"often collapse or need strengths above 1: {advice}")
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-
-
 def git_commit(root: Path) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
@@ -155,7 +143,7 @@ def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResu
     """Train a LoRA as params.yaml says; returns where it was written. Paths are relative to `base`."""
     from accelerate import PartialState
 
-    from flux2.loading import load_dit
+    from flux2.loading import load_dit, resolve_device, resolve_dtype
     from flux2.lora import create_network
     from flux2.tracking import Run, tracking_uri
 
