@@ -307,6 +307,23 @@ def clip_metric(model_dir: Path, cases: list[GridCase], images: dict[str, list[l
     return {"base": mean(scores[:n]), "lora": mean(scores[n:])}
 
 
+def concept_metric(concept_params, cases: list[GridCase], images: dict[str, list[list[Image.Image]]]
+                   ) -> dict[str, dict[str, float | None]]:
+    """Concept score (mean share of concept pixels) and presence (share of samples showing it) of the prompt rows
+    that ask for the concept, for base and LoRA."""
+    from flux2.concept import Concept, concept_presence, concept_score
+
+    concept = Concept(tuple(concept_params.colour), concept_params.tolerance, concept_params.min_fraction,
+                      concept_params.word)
+    out: dict[str, dict[str, float | None]] = {"concept_score": {}, "concept_presence": {}}
+    for which, rows in images.items():
+        chosen = [im for case, row in zip(cases, rows) if not case.control_keys and concept.asks_for(case.label)
+                  for im in row]
+        out["concept_score"][which] = concept_score(chosen, concept) if chosen else None
+        out["concept_presence"][which] = concept_presence(chosen, concept) if chosen else None
+    return out
+
+
 def write_plots(base: Path, timesteps: list[float], curves: dict, items: dict[str, int], output_name: str
                 ) -> list[Path]:
     """plots/val_loss.csv and plots/val_loss.png, and plots/loss.png from the training's plots/train_loss.csv."""
@@ -387,6 +404,8 @@ def evaluate(p: Params, base: Path = Path("."), progress: bool = True) -> dict:
     metrics, curves = loss_metrics(e.timesteps, tables)
     if e.clip_model:
         metrics["clip_score"] = clip_metric(base / e.clip_model, cases, images, device)
+    if e.concept:
+        metrics.update(concept_metric(e.concept, cases, images))
     guidance = variant.default_guidance if e.guidance_scale is None else e.guidance_scale
     title = (f"{lora_path.name} after {summary.get('steps', '?')} steps: base vs LoRA ({variant.name}, "
              f"{e.infer_steps or variant.default_steps} sampling steps, guidance {guidance:g})")

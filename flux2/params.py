@@ -119,6 +119,16 @@ class TrainParams:
 
 
 @dataclass
+class ConceptParams:
+    """The concept a LoRA teaches, measured in its samples (flux2/concept.py): pixels near `colour`."""
+
+    colour: list[int] = field(default_factory=lambda: [128, 0, 128])  # 8-bit RGB
+    tolerance: float = 60.0  # Euclidean distance in RGB
+    min_fraction: float = 0.02  # a sample shows the concept when this share of its pixels does
+    word: str | None = None  # only prompts containing it are scored (None: all)
+
+
+@dataclass
 class EvalParams:
     holdout_fraction: float = 0.1
     prompts: list[str] = field(default_factory=list)
@@ -129,6 +139,7 @@ class EvalParams:
     infer_steps: int | None = None
     guidance_scale: float | None = None
     clip_model: str | None = None
+    concept: ConceptParams | None = None
     output_dir: str = "outputs/eval"
 
 
@@ -166,12 +177,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp` (after int -> float widening); returns the value to store."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in typing.get_args(tp):
+            if dataclasses.is_dataclass(option) and isinstance(value, dict):
+                return _convert(value, option, key)  # a mapping is meant as this group: report its own error
             try:
                 return _convert(value, option, key)
-            except ParamsError as e:
-                errors.append(e)
+            except ParamsError:
+                continue
         raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:

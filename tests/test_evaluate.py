@@ -17,7 +17,8 @@ from flux2.plots import PAD
 from tests.datasets import COLOURS, write_params, write_shapes_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-EVAL_ARGS = ["--infer_steps", "4", "--clip_model", "clip"]
+EVAL_ARGS = ["--infer_steps", "4", "--clip_model", "clip", "--concept",
+             '{"colour": [220, 40, 40], "tolerance": 80, "word": "red"}']
 CELL = 256  # plots.image_grid's default cell and label widths
 LABEL = 260
 
@@ -75,6 +76,16 @@ def test_lora_lowers_the_loss_on_its_training_items(evaluated):
     # so the LoRA mostly learns what all the shapes images share, and the hold-out items gain as much.
     assert m["train_loss"]["lora"] < m["train_loss"]["base"] - 0.1
     assert m["val_loss"]["lora"] < m["val_loss"]["base"]
+
+
+def test_concept_score_of_the_prompts_that_ask_for_it(evaluated):
+    from flux2.concept import Concept, concept_score
+
+    m = read_metrics(evaluated)
+    for which in ("base", "lora"):
+        assert 0.0 <= m["concept_score"][which] <= 1.0 and 0.0 <= m["concept_presence"][which] <= 1.0
+    # Only the "a red circle ..." row counts: its LoRA images are the first row's LoRA cells of the grid.
+    assert concept_score([Image.new("RGB", (8, 8), (220, 40, 40))], Concept((220, 40, 40))) == 1.0
 
 
 def test_metrics_table(evaluated):
