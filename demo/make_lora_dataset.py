@@ -27,8 +27,12 @@ EXPECTED_REJECTIONS = {"images/truncated.png": "unreadable", "images/notes.png":
 
 
 def concept_scene(rng: random.Random):
-    """A purple star on one of the base's background colours."""
-    return random_scene(rng, (CONCEPT_SHAPE,), {CONCEPT_COLOUR_NAME: CONCEPT_COLOUR}, BASE_COLOURS)
+    """A large purple star near the centre, on one of the base's background colours. Large and central because
+    the tiny base renders the 8x8-token pictures as coarse blobs: a small star at a random place averages out to
+    background, a large central one is a concept a LoRA learns in a few hundred CPU steps."""
+    scene = random_scene(rng, (CONCEPT_SHAPE,), {CONCEPT_COLOUR_NAME: CONCEPT_COLOUR}, BASE_COLOURS)
+    size = rng.uniform(0.7, 0.9)
+    return replace(scene, size=size, cx=0.5 + rng.uniform(-0.05, 0.05), cy=0.5 + rng.uniform(-0.05, 0.05))
 
 
 def write_item(folder: Path, stem: str, scene, resolution: int, caption: bool = True) -> None:
