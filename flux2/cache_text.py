@@ -59,13 +59,13 @@ def text_identity(text_encoder: str | Path, variant: Variant, tokenizer: str | P
                   fp8: bool) -> dict[str, str]:
     """What `load_text_encoder(...).identity()` will return, computed from the files without loading the model,
     so a rerun with nothing new never loads the text encoder."""
-    from flux2.text_encoder import (TEMPLATE_VERSION, _tokenizer_files, files_fingerprint, find_tokenizer_dir,
+    from flux2.text_encoder import (TEMPLATE_VERSION, tokenizer_files, files_fingerprint, find_tokenizer_dir,
                                     resolve_weight_files)
 
     files = resolve_weight_files(text_encoder)
     tokenizer_dir = find_tokenizer_dir(files[0].parent, tokenizer)
     return {"text_encoder": variant.text_encoder,
-            "fingerprint": files_fingerprint(files, _tokenizer_files(tokenizer_dir)),
+            "fingerprint": files_fingerprint(files, tokenizer_files(tokenizer_dir)),
             "text_layers": ",".join(map(str, variant.text_layers)), "max_text_tokens": str(variant.max_text_tokens),
             "template_version": TEMPLATE_VERSION, "dtype": str(dtype).removeprefix("torch."),
             "fp8": str(fp8).lower()}

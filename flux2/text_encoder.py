@@ -463,11 +463,11 @@ def load_text_encoder(path: str | Path, variant: Variant, tokenizer: str | Path 
                          f"only embeds {config.vocab_size}; they belong to different models")
 
     model = _build_decoder(config, tensors, variant, device, dtype, fp8, source)
-    return TextEncoder(tok, model, variant, fingerprint=files_fingerprint(files, _tokenizer_files(tokenizer_dir)),
+    return TextEncoder(tok, model, variant, fingerprint=files_fingerprint(files, tokenizer_files(tokenizer_dir)),
                        fp8=fp8)
 
 
-def _tokenizer_files(folder: Path) -> list[Path]:
+def tokenizer_files(folder: Path) -> list[Path]:
     """The small files that define a tokenizer (vocab, merges, configs, chat template), not weights or indexes."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".jinja", ".txt", ".model")
                   and not p.name.endswith(".index.json"))
