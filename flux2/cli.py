@@ -13,13 +13,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Show every option's default in --help."""
 
 
-def add_model_args(p: argparse.ArgumentParser, need_dit: bool = True) -> None:
+def add_model_args(p: argparse.ArgumentParser, need_dit: bool = True, need_codecs: bool = True) -> None:
+    """The model files. need_codecs=False: --vae and --text_encoder may be left out (generate's
+    --save_merged_model only needs the DiT; generate itself says when they are missing)."""
     p.add_argument("--model_version", required=True, choices=list(VARIANTS), help="FLUX.2 variant")
     if need_dit:
         p.add_argument("--dit", required=True, help="DiT weights: BFL single file (flux2-*.safetensors)")
-    p.add_argument("--vae", required=True, help="autoencoder weights (ae.safetensors)")
-    p.add_argument("--text_encoder", required=True,
-                   help="text encoder: a Hugging Face folder or the first file of a split set (...-00001-of-0000N)")
+    unless = "" if need_codecs else " (not needed with --save_merged_model)"
+    p.add_argument("--vae", required=need_codecs, help="autoencoder weights (ae.safetensors)" + unless)
+    p.add_argument("--text_encoder", required=need_codecs,
+                   help="text encoder: a Hugging Face folder or the first file of a split set (...-00001-of-0000N)"
+                   + unless)
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: beside the text encoder)")
     p.add_argument("--fp8_text_encoder", action="store_true", help="text encoder Linear weights in fp8")
 
@@ -27,7 +31,7 @@ def add_model_args(p: argparse.ArgumentParser, need_dit: bool = True) -> None:
 def add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images (text-to-image or editing with reference images)",
                        formatter_class=HelpFormatter)
-    add_model_args(p)
+    add_model_args(p, need_codecs=False)
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default=None, help="the prompt (or --from_file)")
     prompt.add_argument("--from_file", default=None,

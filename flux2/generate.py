@@ -38,8 +38,8 @@ class GenerateOptions:
 
     model_version: str
     dit: str
-    vae: str
-    text_encoder: str
+    vae: str | None  # both needed to generate; not for save_merged_model
+    text_encoder: str | None
     prompt: str | None = None  # one prompt, or `from_file`
     tokenizer: str | None = None
     negative_prompt: str = ""
@@ -169,6 +169,9 @@ def generate(opts: GenerateOptions) -> list[Path]:
     check_lora_files(opts)
     if opts.save_merged_model:
         return [save_merged_dit(opts, variant)]
+    missing = [name for name, value in (("--vae", opts.vae), ("--text_encoder", opts.text_encoder)) if not value]
+    if missing:
+        raise ValueError(f"generate needs {' and '.join(missing)} (only --save_merged_model works without them)")
     jobs = prompt_jobs(opts, variant)
 
     # Inputs are checked before any model loads, so a bad file fails in a second, not after minutes.

@@ -108,8 +108,8 @@ def test_include_patterns_equal_a_filtered_file(tiny_model, lora, tmp_path):
 
 def test_save_merged_model_then_fp8_merges_before_quantising(tiny_model, lora, reference, tmp_path):
     merged = tmp_path / "merged_dit.safetensors"
-    assert main(["generate", "--model_version", "tiny", "--dit", str(tiny_model["dit"]), "--vae",
-                 str(tiny_model["vae"]), "--text_encoder", str(tiny_model["text_encoder"]), "--lora_weight",
+    # Merging needs the DiT only: no --vae, no --text_encoder.
+    assert main(["generate", "--model_version", "tiny", "--dit", str(tiny_model["dit"]), "--lora_weight",
                  str(lora["diffusers"]), "--save_merged_model", str(merged),
                  "--save_path", str(tmp_path / "none")]) == 0
     assert not (tmp_path / "none").exists()  # no inference
@@ -179,3 +179,9 @@ def test_lora_matching_no_module_is_a_clear_error(tiny_model, tmp_path, capsys):
 def test_not_a_lora_fails_before_loading(tiny_model, tmp_path, capsys):
     err = generate_error(tiny_model, tmp_path, capsys, tiny_model["dit"])
     assert "not a FLUX.2 DiT LoRA in a known layout" in err
+
+
+def test_generating_without_the_vae_or_text_encoder_is_one_line_naming_them(tiny_model, tmp_path, capsys):
+    assert main(["generate", "--model_version", "tiny", "--dit", str(tiny_model["dit"]), "--prompt", PROMPT,
+                 "--save_path", str(tmp_path)]) != 0
+    assert "generate needs --vae and --text_encoder" in capsys.readouterr().err
