@@ -15,7 +15,7 @@ import argparse
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,6 +25,9 @@ from flux2.cache_store import (BuildStats, CacheError, Dist, Job, build_cache, c
                                write_mapping)
 from flux2.loading import resolve_device
 from flux2.variants import Variant, get_variant
+
+if TYPE_CHECKING:
+    from flux2.params import DatasetParams
 
 ITEMS_FILE = "items.parquet"
 # The resize rule (scale to cover, LANCZOS up / BOX down, centre crop): bump it if resize_cover_crop changes.
@@ -232,14 +235,7 @@ def config_from_args(args: argparse.Namespace) -> LatentsConfig:
     elif args.vae is None or args.model_version is None:
         raise ValueError("cache-latents needs --params params.yaml, or --vae and --model_version (with --manifest "
                          "or --dataset_config)")
-    manifest = Path(args.manifest) if args.manifest else base / dataset.manifest
-    if args.dataset_config:
-        if args.params:
-            raise ValueError("--dataset_config ingests a musubi TOML without params.yaml; with --params, list the "
-                             "TOML as dataset.toml and run the ingest stage")
-        run_ingest(args.dataset_config, manifest)
-    elif not args.params and not args.manifest:
-        raise ValueError("cache-latents needs --manifest (from flux2 ingest) or --dataset_config TOML")
+    manifest = resolve_manifest(args, base, dataset, "cache-latents")
     return LatentsConfig(
         manifest=manifest, base=base,
         cache_dir=Path(args.cache_dir) if args.cache_dir else base / cache.latents_dir,
@@ -249,6 +245,20 @@ def config_from_args(args: argparse.Namespace) -> LatentsConfig:
         shard_mb=args.shard_mb or cache.shard_mb, num_workers=args.num_workers,
         device=args.device or model.device,
         report=Path(args.report) if args.report else base / "reports" / "cache_latents.json")
+
+
+def resolve_manifest(args: argparse.Namespace, base: Path, dataset: DatasetParams, command: str) -> Path:
+    """The manifest a cache command reads: --manifest, else params.yaml's; with --dataset_config (a musubi TOML,
+    no params.yaml), ingested into it first. Shared by cache-latents and cache-text."""
+    manifest = Path(args.manifest) if args.manifest else base / dataset.manifest
+    if args.dataset_config:
+        if args.params:
+            raise ValueError("--dataset_config ingests a musubi TOML without params.yaml; with --params, list the "
+                             "TOML as dataset.toml and run the ingest stage")
+        run_ingest(args.dataset_config, manifest)
+    elif not args.params and not args.manifest:
+        raise ValueError(f"{command} needs --manifest (from flux2 ingest) or --dataset_config TOML")
+    return manifest
 
 
 def run_ingest(dataset_config: str, manifest: Path) -> None:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from flux2.cache_latents import DTYPES, finish_report, make_report, process_device, run_ingest
+from flux2.cache_latents import DTYPES, finish_report, make_report, process_device, resolve_manifest
 from flux2.cache_store import CacheError, Dist, Job, build_cache, content_key, write_mapping
 from flux2.loading import resolve_dtype
 from flux2.variants import Variant, get_variant
@@ -59,8 +59,8 @@ def text_identity(text_encoder: str | Path, variant: Variant, tokenizer: str | P
                   fp8: bool) -> dict[str, str]:
     """What `load_text_encoder(...).identity()` will return, computed from the files without loading the model,
     so a rerun with nothing new never loads the text encoder."""
-    from flux2.text_encoder import (TEMPLATE_VERSION, tokenizer_files, files_fingerprint, find_tokenizer_dir,
-                                    resolve_weight_files)
+    from flux2.text_encoder import (TEMPLATE_VERSION, files_fingerprint, find_tokenizer_dir, resolve_weight_files,
+                                    tokenizer_files)
 
     files = resolve_weight_files(text_encoder)
     tokenizer_dir = find_tokenizer_dir(files[0].parent, tokenizer)
@@ -186,14 +186,7 @@ def config_from_args(args: argparse.Namespace) -> TextConfig:
     elif args.text_encoder is None or args.model_version is None:
         raise ValueError("cache-text needs --params params.yaml, or --text_encoder and --model_version (with "
                          "--manifest or --dataset_config)")
-    manifest = Path(args.manifest) if args.manifest else base / dataset.manifest
-    if args.dataset_config:
-        if args.params:
-            raise ValueError("--dataset_config ingests a musubi TOML without params.yaml; with --params, list the "
-                             "TOML as dataset.toml and run the ingest stage")
-        run_ingest(args.dataset_config, manifest)
-    elif not args.params and not args.manifest:
-        raise ValueError("cache-text needs --manifest (from flux2 ingest) or --dataset_config TOML")
+    manifest = resolve_manifest(args, base, dataset, "cache-text")
     sample = args.sample_prompts or (str(base / train.sample_prompts) if train.sample_prompts else None)
     tokenizer = args.tokenizer or (str(base / model.tokenizer) if model.tokenizer else None)
     return TextConfig(
