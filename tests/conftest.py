@@ -44,10 +44,6 @@ def cached_pipeline(tmp_path_factory, tiny_model):
 @pytest.fixture
 def pipeline(cached_pipeline, tmp_path):
     """A private copy of cached_pipeline for one test."""
-    import shutil
+    from tests.datasets import copy_pipeline
 
-    dst = tmp_path / "pipeline"
-    shutil.copytree(cached_pipeline, dst)
-    params = dst / "params.yaml"
-    params.write_text(params.read_text().replace(str(cached_pipeline), str(dst)))
-    return dst
+    return copy_pipeline(cached_pipeline, tmp_path / "pipeline")

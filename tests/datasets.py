@@ -1,5 +1,6 @@
 """Small datasets the tests write: coloured shapes with captions that describe them (optionally with controls)."""
 import random
+import shutil
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -61,3 +62,10 @@ tracking:
     path = folder / "params.yaml"
     path.write_text(text)
     return path
+
+
+def copy_pipeline(src: Path, dst: Path) -> Path:
+    """A private copy `dst` of a pipeline folder (conftest's cached_pipeline), its params.yaml pointed at the copy."""
+    shutil.copytree(src, dst)
+    (dst / "params.yaml").write_text((src / "params.yaml").read_text().replace(str(src), str(dst)))
+    return dst

@@ -1,7 +1,6 @@
 """`flux2 compare` on two real MLflow runs: two trainings with different learning rates, each evaluated, in one
 store."""
 import json
-import shutil
 
 import pytest
 from PIL import Image
@@ -9,20 +8,13 @@ from PIL import Image
 from flux2.cli import main
 from flux2.compare import MAX_GRID_WIDTH, differing_params, load_runs
 from flux2.plots import PAD
-
-
-def copy_pipeline(src, dst):
-    """A private copy of the session's cached pipeline folder (params.yaml pointed at the copy)."""
-    shutil.copytree(src, dst)
-    params = dst / "params.yaml"
-    params.write_text(params.read_text().replace(str(src), str(dst)))
-    return params
+from tests.datasets import copy_pipeline
 
 
 @pytest.fixture(scope="module")
 def two_runs(cached_pipeline, tmp_path_factory):
     folder = tmp_path_factory.mktemp("compare") / "pipeline"
-    params = str(copy_pipeline(cached_pipeline, folder))
+    params = str(copy_pipeline(cached_pipeline, folder) / "params.yaml")
     ids = []
     for lr in ("0.01", "0.002"):
         assert main(["train", "--params", params, "--max_train_steps", "6", "--learning_rate", lr,

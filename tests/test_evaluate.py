@@ -2,7 +2,6 @@
 stage script) give identical metrics, the outputs for DVC and MLflow, the CLIP score, and edit-LoRA grids."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,21 +13,13 @@ from PIL import Image
 from flux2.cli import main
 from flux2.evaluate import clip_scores
 from flux2.plots import PAD
-from tests.datasets import COLOURS, write_params, write_shapes_dataset
+from tests.datasets import COLOURS, copy_pipeline, write_params, write_shapes_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_ARGS = ["--infer_steps", "4", "--clip_model", "clip", "--concept",
              '{"colour": [220, 40, 40], "tolerance": 80, "word": "red"}']
 CELL = 256  # plots.image_grid's default cell and label widths
 LABEL = 260
-
-
-def copy_pipeline(src, dst):
-    """A private copy of the session's cached pipeline folder (params.yaml pointed at the copy)."""
-    shutil.copytree(src, dst)
-    params = dst / "params.yaml"
-    params.write_text(params.read_text().replace(str(src), str(dst)))
-    return params
 
 
 def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
@@ -58,7 +49,7 @@ def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
 def evaluated(cached_pipeline, tmp_path_factory):
     """A LoRA trained 40 steps at a high learning rate, evaluated once (in-process) with the tiny CLIP."""
     folder = tmp_path_factory.mktemp("evaluate") / "pipeline"
-    params = copy_pipeline(cached_pipeline, folder)
+    params = copy_pipeline(cached_pipeline, folder) / "params.yaml"
     write_tiny_clip(folder / "clip")
     assert main(["train", "--params", str(params), "--max_train_steps", "40", "--learning_rate", "0.01",
                  "--save_every_n_steps", "0"]) == 0

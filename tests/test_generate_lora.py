@@ -1,6 +1,5 @@
 """`flux2 generate` with LoRAs: every layout gives our latent, merged == attached, fp8 merges before quantising,
 --save_merged_model, --from_file, and the errors for a LoRA that does not fit."""
-import shutil
 
 import pytest
 import torch
@@ -8,16 +7,9 @@ from safetensors.torch import load_file, save_file
 
 from flux2.cli import main
 from flux2.lora_formats import read_lora, to_kohya, write_lora
+from tests.datasets import copy_pipeline
 
 PROMPT = "a red circle on a blue background"
-
-
-def copy_pipeline(src, dst):
-    """A private copy of the session's cached pipeline folder (params.yaml pointed at the copy)."""
-    shutil.copytree(src, dst)
-    params = dst / "params.yaml"
-    params.write_text(params.read_text().replace(str(src), str(dst)))
-    return params
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +17,7 @@ def lora(cached_pipeline, tmp_path_factory):
     """A LoRA trained on the shapes dataset (10 steps, high learning rate; alpha 4 of rank 8 so that the layouts
     that fold alpha into the weights really differ from ours), and its copies in the other layouts."""
     folder = tmp_path_factory.mktemp("lora") / "pipeline"
-    params = copy_pipeline(cached_pipeline, folder)
+    params = copy_pipeline(cached_pipeline, folder) / "params.yaml"
     assert main(["train", "--params", str(params), "--max_train_steps", "10", "--learning_rate", "0.01",
                  "--network_alpha", "4", "--save_every_n_steps", "0"]) == 0
     ours = folder / "outputs" / "lora" / "lora.safetensors"

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from flux2.cli import main
 from flux2.train_data import TrainData
 from flux2.variants import VARIANTS
+from tests.datasets import copy_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,14 +141,6 @@ def launch_two(pipeline: Path, *extra: str) -> subprocess.CompletedProcess:
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 process(es)" in out.stdout
     return out
-
-
-def copy_pipeline(src: Path, dst: Path) -> Path:
-    import shutil
-
-    shutil.copytree(src, dst)
-    (dst / "params.yaml").write_text((src / "params.yaml").read_text().replace(str(src), str(dst)))
-    return dst
 
 
 @pytest.mark.slow
