@@ -139,13 +139,71 @@ def total_steps(p: Params, data: TrainData) -> int:
     return p.train.max_train_epochs * data.batches_per_epoch
 
 
+@dataclass
+class Training:
+    """What the loop works with, built once by `setup`: the data, the DiT with the LoRA attached, the optimizer."""
+
+    p: Params
+    base: Path
+    variant: Variant
+    device: torch.device
+    dtype: torch.dtype
+    rank: int
+    world: int
+    main: bool
+    data: TrainData
+    manifest: Path
+    fingerprint: str
+    steps_total: int
+    dit: torch.nn.Module
+    network: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    ckpt_dir: Path
+    warning: str | None
+
+
+@dataclass
+class Progress:
+    """The loop's state between steps: the checkpointed position, the loss history, the MLflow run."""
+
+    state: TrainState
+    history: list[tuple[int, float, float]]
+    history_path: Path
+    run: object | None  # flux2.tracking.Run on the main process
+    loss_value: float = float("nan")
+    lr: float = 0.0
+    consecutive_bad: int = 0
+
+
 def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResult:
     """Train a LoRA as params.yaml says; returns where it was written. Paths are relative to `base`."""
+    tr = setup(p, base)
+    prog = resume(tr)
+    bar = tqdm(total=tr.steps_total, initial=prog.state.step, desc="training", unit="step",
+               disable=not (progress and tr.main))
+    try:
+        tr.dit.train()
+        tr.network.train()
+        while prog.state.step < tr.steps_total:
+            train_step(tr, prog)
+            bar.set_postfix(loss=f"{prog.loss_value:.4f}", lr=f"{prog.lr:.2e}")
+            bar.update()
+        bar.close()
+        return finish(tr, prog)
+    except BaseException:
+        bar.close()
+        if prog.run is not None:
+            prog.run.end("FAILED")  # a resumed run sets it RUNNING again
+        raise
+
+
+def setup(p: Params, base: Path) -> Training:
+    """Processes, device, data, the DiT (with fp8 / FSDP / block swap as asked), the LoRA and its optimizer."""
     from accelerate import PartialState
 
     from flux2.loading import load_dit, resolve_device, resolve_dtype
     from flux2.lora import create_network
-    from flux2.tracking import Run, tracking_uri
 
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
@@ -191,20 +249,27 @@ def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResu
         print(f"training {len(network.lora_modules)} LoRA modules (rank {t_cfg.network_dim}, alpha "
               f"{t_cfg.network_alpha:g}, scale {t_cfg.network_alpha / t_cfg.network_dim:g}) on {len(data.items)} "
               f"items, {steps_total} steps, {world} process(es), device {device}")
+    return Training(p, base, variant, device, dtype, rank, world, main, data, manifest, fingerprint, steps_total,
+                    dit, network, params, optimizer, base / t_cfg.checkpoint_dir, warning)
 
-    ckpt_dir = base / t_cfg.checkpoint_dir
-    train_state = TrainState(step=0, extra={"fingerprint": fingerprint})
-    resumed = load_latest_checkpoint(ckpt_dir, optimizer) if list_checkpoints(ckpt_dir) else None
-    if resumed is not None and resumed[0].extra.get("fingerprint") != fingerprint:
+
+def resume(tr: Training) -> Progress:
+    """The newest checkpoint of this configuration (LoRA and optimizer restored) or step 0; the MLflow run."""
+    from flux2.tracking import Run, tracking_uri
+
+    p, t_cfg, ckpt_dir, main = tr.p, tr.p.train, tr.ckpt_dir, tr.main
+    train_state = TrainState(step=0, extra={"fingerprint": tr.fingerprint})
+    resumed = load_latest_checkpoint(ckpt_dir, tr.optimizer) if list_checkpoints(ckpt_dir) else None
+    if resumed is not None and resumed[0].extra.get("fingerprint") != tr.fingerprint:
         if main:
             print(f"checkpoints in {ckpt_dir} belong to another configuration; starting from step 0")
             for old in list_checkpoints(ckpt_dir):
                 shutil.rmtree(old, ignore_errors=True)
-        optimizer = build_optimizer(params, t_cfg.optimizer_type, t_cfg.learning_rate, t_cfg.optimizer_args)
+        tr.optimizer = build_optimizer(tr.params, t_cfg.optimizer_type, t_cfg.learning_rate, t_cfg.optimizer_args)
         resumed = None
     if resumed is not None:
         train_state, lora_sd = resumed
-        network.load_weights(lora_sd)
+        tr.network.load_weights(lora_sd)
         if main:
             print(f"resuming from {ckpt_dir}/step-{train_state.step:08d}")
 
@@ -217,111 +282,105 @@ def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResu
             run.client.update_run(run.run_id, status="RUNNING")  # it failed or was killed before
         if resumed is None:
             run.log_params(to_flat_dict(p))
-            tags = {"flux2.variant": variant.name, "flux2.commit": git_commit(base),
-                    "flux2.manifest_sha256": sha256_file(manifest), "flux2.fingerprint": fingerprint}
+            tags = {"flux2.variant": tr.variant.name, "flux2.commit": git_commit(tr.base),
+                    "flux2.manifest_sha256": sha256_file(tr.manifest), "flux2.fingerprint": tr.fingerprint}
             if os.environ.get("DVC_EXP_NAME"):
                 tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-            if warning:
-                tags["flux2.warning"] = warning
+            if tr.warning:
+                tags["flux2.warning"] = tr.warning
             run.set_tags(tags)
 
-    history_path = base / "plots" / "train_loss.csv"
+    history_path = tr.base / "plots" / "train_loss.csv"
     history = _read_history(history_path, train_state.step) if resumed is not None else []
-    dit.train()
-    network.train()
-    bar = tqdm(total=steps_total, initial=train_state.step, desc="training", unit="step",
-               disable=not (progress and main))
-    consecutive_bad = 0
-    loss_value = history[-1][1] if history else float("nan")
-    try:
-        while train_state.step < steps_total:
-            step = train_state.step
-            start = time.perf_counter()
-            lr = t_cfg.learning_rate * lr_factor(step, t_cfg.lr_scheduler, steps_total, t_cfg.lr_warmup_steps,
-                                                 t_cfg.lr_scheduler_num_cycles, t_cfg.lr_scheduler_power)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(t_cfg.gradient_accumulation_steps):
-                torch.manual_seed(mix_seed(t_cfg.seed, step, micro, rank, 7919))  # LoRA dropouts
-                batch = data.micro_batch(step, micro, rank)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t_cfg.mixed_precision == "bf16"):
-                    loss = flux_loss(dit, batch, variant, p, device)
-                (loss / t_cfg.gradient_accumulation_steps).backward()
-                loss_sum += loss.detach().float().item() / t_cfg.gradient_accumulation_steps
-            if world > 1:
-                all_reduce_grads(params, world)
-                loss_sum = _mean_over_processes(loss_sum, device)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.max_grad_norm if t_cfg.max_grad_norm > 0
-                                                       else float("inf")).item()
-            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                consecutive_bad += 1
-                train_state.bad_steps += 1
-                if run is not None:
-                    run.log_metrics({"bad_steps": train_state.bad_steps}, step)
-                if consecutive_bad >= t_cfg.max_bad_steps:
-                    raise TrainingError(
-                        f"step {step}: {consecutive_bad} steps in a row had a non-finite loss or gradient "
-                        f"(loss {loss_sum}, grad norm {grad_norm}); likely causes: learning_rate too high "
-                        f"({t_cfg.learning_rate:g}), fp8 weights overflowing, or a corrupted cache entry. The last "
-                        f"good checkpoint is in {ckpt_dir}")
-                train_state.step += 1
-                bar.update()
-                continue
-            consecutive_bad = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            train_state.step += 1
-            loss_value = loss_sum
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
-            bar.update()
-            if main:
-                metrics = {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed,
-                           "samples_per_s": data.global_batch / elapsed,
-                           "peak_memory_gib": peak_memory_gib(device)}
-                history.append((train_state.step, loss_sum, lr))
-                if train_state.step % t_cfg.log_every_n_steps == 0:
-                    run.log_metrics(metrics, train_state.step)
-            if t_cfg.save_every_n_steps and train_state.step % t_cfg.save_every_n_steps == 0 \
-                    and train_state.step < steps_total:
-                _checkpoint(main, ckpt_dir, train_state, network, optimizer, history, history_path, run)
-            if t_cfg.sample_every_n_steps and train_state.step % t_cfg.sample_every_n_steps == 0 and main:
-                _samples(p, base, variant, dit, device, dtype, train_state.step, run)
-        bar.close()
-        out_dir = base / t_cfg.output_dir
-        lora_path = out_dir / f"{t_cfg.output_name}.safetensors"
-        if main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            remove_temporaries(out_dir)  # of a LoRA write that a killed run left
-            meta = {"ss_training_comment": "flux2", "ss_steps": str(train_state.step), "ss_seed": str(t_cfg.seed),
-                    "ss_learning_rate": str(t_cfg.learning_rate), "ss_optimizer": t_cfg.optimizer_type,
-                    "ss_timestep_sampling": t_cfg.timestep_sampling, "ss_weighting_scheme": t_cfg.weighting_scheme,
-                    "ss_guidance_scale": str(t_cfg.guidance), "ss_mixed_precision": t_cfg.mixed_precision,
-                    "ss_num_train_items": str(len(data.items)), "flux2.manifest_sha256": sha256_file(manifest),
-                    "flux2.commit": git_commit(base), "flux2.params": json.dumps(asdict(t_cfg), default=str)}
-            network.save(lora_path, meta)
-            _checkpoint(main, ckpt_dir, train_state, network, optimizer, history, history_path, None)
-            if t_cfg.sample_prompts:
-                _samples(p, base, variant, dit, device, dtype, train_state.step, run)
-            summary = {"steps": train_state.step, "final_loss": loss_value, "bad_steps": train_state.bad_steps,
-                       "mlflow_run_id": run.run_id, "lora": str(lora_path)}
-            atomic_write_json(base / "metrics" / "train.json", summary)
-            run.log_artifact(lora_path, "lora")
-            for extra in (base / "params.yaml", base / "dvc.lock"):
-                if extra.is_file():
-                    run.log_artifact(extra)
-            run.end()
-            print(f"wrote {lora_path} after {train_state.step} steps (final loss {loss_value:.4f}); "
-                  f"MLflow run {run.run_id}")
-        return TrainResult(lora_path, train_state.step, loss_value, train_state.bad_steps,
-                           run.run_id if run else None)
-    except BaseException:
-        bar.close()
-        if run is not None:
-            run.end("FAILED")  # a resumed run sets it RUNNING again
-        raise
+    return Progress(train_state, history, history_path, run, history[-1][1] if history else float("nan"))
+
+
+def train_step(tr: Training, prog: Progress) -> None:
+    """One optimizer step (all micro-batches, gradient averaging over processes, clipping), or a skipped step when
+    the loss or gradient is not finite; then logging, checkpoints and samples as scheduled."""
+    p, t_cfg, state = tr.p, tr.p.train, prog.state
+    step = state.step
+    start = time.perf_counter()
+    lr = t_cfg.learning_rate * lr_factor(step, t_cfg.lr_scheduler, tr.steps_total, t_cfg.lr_warmup_steps,
+                                         t_cfg.lr_scheduler_num_cycles, t_cfg.lr_scheduler_power)
+    for group in tr.optimizer.param_groups:
+        group["lr"] = lr
+    prog.lr = lr
+    loss_sum = 0.0
+    for micro in range(t_cfg.gradient_accumulation_steps):
+        torch.manual_seed(mix_seed(t_cfg.seed, step, micro, tr.rank, 7919))  # LoRA dropouts
+        batch = tr.data.micro_batch(step, micro, tr.rank)
+        with torch.autocast(tr.device.type, dtype=torch.bfloat16, enabled=t_cfg.mixed_precision == "bf16"):
+            loss = flux_loss(tr.dit, batch, tr.variant, p, tr.device)
+        (loss / t_cfg.gradient_accumulation_steps).backward()
+        loss_sum += loss.detach().float().item() / t_cfg.gradient_accumulation_steps
+    if tr.world > 1:
+        all_reduce_grads(tr.params, tr.world)
+        loss_sum = _mean_over_processes(loss_sum, tr.device)
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, t_cfg.max_grad_norm if t_cfg.max_grad_norm > 0
+                                               else float("inf")).item()
+    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+        tr.optimizer.zero_grad(set_to_none=True)
+        prog.consecutive_bad += 1
+        state.bad_steps += 1
+        if prog.run is not None:
+            prog.run.log_metrics({"bad_steps": state.bad_steps}, step)
+        if prog.consecutive_bad >= t_cfg.max_bad_steps:
+            raise TrainingError(
+                f"step {step}: {prog.consecutive_bad} steps in a row had a non-finite loss or gradient "
+                f"(loss {loss_sum}, grad norm {grad_norm}); likely causes: learning_rate too high "
+                f"({t_cfg.learning_rate:g}), fp8 weights overflowing, or a corrupted cache entry. The last "
+                f"good checkpoint is in {tr.ckpt_dir}")
+        state.step += 1
+        return
+    prog.consecutive_bad = 0
+    tr.optimizer.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    prog.loss_value = loss_sum
+    elapsed = time.perf_counter() - start
+    if tr.main:
+        metrics = {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed,
+                   "samples_per_s": tr.data.global_batch / elapsed, "peak_memory_gib": peak_memory_gib(tr.device)}
+        prog.history.append((state.step, loss_sum, lr))
+        if state.step % t_cfg.log_every_n_steps == 0:
+            prog.run.log_metrics(metrics, state.step)
+    if t_cfg.save_every_n_steps and state.step % t_cfg.save_every_n_steps == 0 and state.step < tr.steps_total:
+        _checkpoint(tr, prog, prog.run)
+    if t_cfg.sample_every_n_steps and state.step % t_cfg.sample_every_n_steps == 0 and tr.main:
+        _samples(p, tr.base, tr.variant, tr.dit, tr.device, tr.dtype, state.step, prog.run)
+
+
+def finish(tr: Training, prog: Progress) -> TrainResult:
+    """The LoRA file (kohya form, with the training's metadata), the last checkpoint, the final samples,
+    metrics/train.json and the MLflow artifacts."""
+    p, t_cfg, state, run = tr.p, tr.p.train, prog.state, prog.run
+    out_dir = tr.base / t_cfg.output_dir
+    lora_path = out_dir / f"{t_cfg.output_name}.safetensors"
+    if tr.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(out_dir)  # of a LoRA write that a killed run left
+        meta = {"ss_training_comment": "flux2", "ss_steps": str(state.step), "ss_seed": str(t_cfg.seed),
+                "ss_learning_rate": str(t_cfg.learning_rate), "ss_optimizer": t_cfg.optimizer_type,
+                "ss_timestep_sampling": t_cfg.timestep_sampling, "ss_weighting_scheme": t_cfg.weighting_scheme,
+                "ss_guidance_scale": str(t_cfg.guidance), "ss_mixed_precision": t_cfg.mixed_precision,
+                "ss_num_train_items": str(len(tr.data.items)), "flux2.manifest_sha256": sha256_file(tr.manifest),
+                "flux2.commit": git_commit(tr.base), "flux2.params": json.dumps(asdict(t_cfg), default=str)}
+        tr.network.save(lora_path, meta)
+        _checkpoint(tr, prog, None)
+        if t_cfg.sample_prompts:
+            _samples(p, tr.base, tr.variant, tr.dit, tr.device, tr.dtype, state.step, run)
+        summary = {"steps": state.step, "final_loss": prog.loss_value, "bad_steps": state.bad_steps,
+                   "mlflow_run_id": run.run_id, "lora": str(lora_path)}
+        atomic_write_json(tr.base / "metrics" / "train.json", summary)
+        run.log_artifact(lora_path, "lora")
+        for extra in (tr.base / "params.yaml", tr.base / "dvc.lock"):
+            if extra.is_file():
+                run.log_artifact(extra)
+        run.end()
+        print(f"wrote {lora_path} after {state.step} steps (final loss {prog.loss_value:.4f}); "
+              f"MLflow run {run.run_id}")
+    return TrainResult(lora_path, state.step, prog.loss_value, state.bad_steps, run.run_id if run else None)
 
 
 def _mean_over_processes(value: float, device: torch.device) -> float:
@@ -343,17 +402,17 @@ def _read_history(path: Path, upto: int) -> list[tuple[int, float, float]]:
     return rows
 
 
-def _checkpoint(main: bool, ckpt_dir: Path, state: TrainState, network: torch.nn.Module,
-                optimizer: torch.optim.Optimizer, history: list, history_path: Path, run) -> None:
-    if not main:
+def _checkpoint(tr: Training, prog: Progress, run) -> None:
+    if not tr.main:
         return
     # The loss history and the MLflow metrics first: a checkpoint means "resume after this step", so a kill
     # between the writes must never leave one whose steps the history lacks (a resume would not log them again).
-    history_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(history_path, "step,loss,lr\n" + "".join(f"{s},{l!r},{r!r}\n" for s, l, r in history))
+    prog.history_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(prog.history_path,
+                      "step,loss,lr\n" + "".join(f"{s},{l!r},{r!r}\n" for s, l, r in prog.history))
     if run is not None:
         run.flush()
-    save_checkpoint(ckpt_dir, state, network.state_dict(), optimizer)
+    save_checkpoint(tr.ckpt_dir, prog.state, tr.network.state_dict(), tr.optimizer)
 
 
 def _samples(p: Params, base: Path, variant: Variant, dit: torch.nn.Module, device: torch.device,
