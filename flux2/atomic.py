@@ -42,7 +42,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.write_text(...)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"could not write {path}: cannot make its folder ({e.strerror or e}: "
+                               f"{e.filename})") from e
     # Same folder = same file system, so os.replace is an atomic rename. Not mkstemp: its files are 0600.
     tmp = path.parent / f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}"
     try:

@@ -23,9 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from flux2.params import DatasetParams, ParamsError, SourceParams, parse_params
+from flux2.user_files import UserFileError, open_regular, read_limited
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+# Image formats a folder may hold that ingest does not train on: listed as rejected (unsupported_format), so
+# they are never skipped unseen. GIFs are animations or 256-colour palettes; the others need plugins or raw
+# development.
+UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".svg", ".psd",
+                                          ".tga", ".ico", ".exr", ".dng", ".cr2", ".nef", ".arw"})
 MANIFEST_EXTENSIONS = (".jsonl", ".csv", ".parquet")
+MAX_MANIFEST_BYTES = 2_000_000_000  # a JSONL / CSV manifest is read whole: ~10 million rows
+MAX_CONFIG_BYTES = 10_000_000
 
 # musubi-tuner's dataset TOML: the keys ingest uses, their musubi defaults, and musubi keys that other stages
 # (or nobody, for FLUX.2 images) care about. Dataset values override [general].
@@ -68,12 +76,17 @@ def load_musubi_toml(path: str | Path, verbose: bool = True) -> list[SourceParam
     if not path.is_file():
         raise DatasetError(f"{path}: dataset config not found")
     try:
+        text = read_limited(path, MAX_CONFIG_BYTES, "a dataset config").decode("utf-8")
         if path.suffix.lower() == ".json":
-            config = json.loads(path.read_text(encoding="utf-8"))
+            config = json.loads(text)
         else:
-            config = _toml_module().loads(path.read_text(encoding="utf-8"))
+            config = _toml_module().loads(text)
+    except UserFileError as e:
+        raise DatasetError(str(e)) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: not a valid dataset config ({e})") from None
+    if not isinstance(config, dict):
+        raise DatasetError(f"{path}: expected a [general] table and [[datasets]] tables")
     general = config.get("general", {})
     datasets = config.get("datasets", [])
     if not isinstance(general, dict) or not isinstance(datasets, list) or not all(
@@ -189,10 +202,14 @@ def _list_folder(source: SourceParams, index: int) -> list[Entry]:
     entries = []
     for p in sorted(folder.iterdir()):
         # Hidden files are skipped: macOS "._name.jpg" resource forks are not images.
-        if p.suffix.lower() not in IMAGE_EXTENSIONS or p.name.startswith(".") or p.is_dir():
+        suffix = p.suffix.lower()
+        if suffix not in IMAGE_EXTENSIONS | UNSUPPORTED_IMAGE_EXTENSIONS or p.name.startswith(".") or p.is_dir():
             continue
         entry = Entry(index, p, caption_file=folder / f"{p.stem}{source.caption_extension}")
-        if not p.exists():
+        if suffix in UNSUPPORTED_IMAGE_EXTENSIONS:
+            entry.problem = ("unsupported_format", f"{suffix} files are not read (ingest reads "
+                                                   f"{' '.join(sorted(IMAGE_EXTENSIONS))}); convert it to PNG")
+        elif not p.exists():
             entry.problem = ("image_missing", "broken link")
         entries.append(entry)
     return entries
@@ -210,6 +227,10 @@ def _list_manifest(source: SourceParams, index: int) -> list[Entry]:
         image = row.get("image_path")
         entry = Entry(index, Path(str(image or "")), where=where)
         entries.append(entry)
+        entry.problem = _row_problem(row, where)
+        if entry.problem:
+            entry.image = Path()  # named by `where` in the report
+            continue
         if not isinstance(image, str) or not image.strip():
             entry.problem = ("image_missing", f"{where}: no image_path")
             continue
@@ -250,8 +271,30 @@ def _manifest_path(value: str, folder: Path, root: Path, what: str, where: str) 
     return path, None
 
 
+def _row_problem(row: dict[Any, Any], where: str) -> tuple[str, str] | None:
+    """What makes a manifest row unusable before any file is looked at: a CSV row with more fields than the
+    header (an unquoted comma), two columns for one control number, a control path that is not text."""
+    if None in row:  # csv.DictReader puts the fields past the header under None
+        return ("bad_row", f"{where}: {len(row) - 1 + len(row[None])} fields, but the header names {len(row) - 1} "
+                           "columns; quote a value that holds a comma (\"a, b\")")
+    numbers: dict[int, str] = {}
+    for key in row:
+        if isinstance(key, str) and re.fullmatch(r"control_path_\d+", key):
+            number = int(key.rsplit("_", 1)[1])
+            if number in numbers:
+                return ("bad_row", f"{where}: {numbers[number]} and {key} both give control {number}; keep one")
+            numbers[number] = key
+    for key in ["control_path", *numbers.values()]:
+        value = row.get(key)
+        values = value if isinstance(value, list) else [value]
+        if not all(v is None or isinstance(v, str) for v in values):
+            return ("control_missing", f"{where}: {key} is {value!r}, expected a path (text) or a list of paths")
+    return None
+
+
 def _control_values(row: dict[str, Any]) -> list[str]:
-    """`control_path`, then `control_path_0`, `control_path_1`, ... in numeric order; empty values skipped."""
+    """`control_path`, then `control_path_0`, `control_path_1`, ... in numeric order; empty values skipped (the
+    row passed `_row_problem`)."""
     numbered = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in row.items() if re.fullmatch(r"control_path_\d+", k))
     values = [row.get("control_path")] + [v for _, v in numbered]
     out = []
@@ -272,18 +315,22 @@ def read_manifest_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
+            with open_regular(path) as f:
+                table = pq.read_table(f)
+        except UserFileError as e:
+            raise DatasetError(f"manifest {e}") from None
         except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError kinds
             raise DatasetError(f"manifest {path}: not a readable Parquet file ({e})") from None
         columns, rows = table.column_names, table.to_pylist()
     elif suffix in (".jsonl", ".csv"):
         try:
-            text = path.read_text(encoding="utf-8-sig")
+            text = read_limited(path, MAX_MANIFEST_BYTES, "a manifest").decode("utf-8-sig")
+        except UserFileError as e:
+            raise DatasetError(f"manifest {e}") from None
         except UnicodeDecodeError as e:
             raise DatasetError(f"manifest {path}: not UTF-8 text ({e}); save it as UTF-8") from None
         if suffix == ".csv":
-            reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted captions may span lines
-            columns, rows = list(reader.fieldnames or []), list(reader)
+            columns, rows = _parse_csv(text, path)
         else:
             columns, rows = _parse_jsonl(text, path)
     else:
@@ -291,6 +338,16 @@ def read_manifest_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if "image_path" not in columns:
         raise DatasetError(f"manifest {path}: no image_path column (found: {', '.join(map(str, columns)) or 'none'})")
     return list(enumerate(rows, start=1))
+
+
+def _parse_csv(text: str, path: Path) -> tuple[list[str], list[dict]]:
+    # A field may be as long as the file (a long caption is then refused as caption_too_long, with its row).
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted captions may span lines
+    try:
+        return list(reader.fieldnames or []), list(reader)
+    except csv.Error as e:
+        raise DatasetError(f"manifest {path}:{reader.line_num}: not valid CSV ({e})") from None
 
 
 def _parse_jsonl(text: str, path: Path) -> tuple[list[str], list[dict]]:

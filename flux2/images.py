@@ -8,6 +8,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from flux2.user_files import UserFileError, open_regular
+
 # Refuse decompression bombs early, with our own message (see open_rgb).
 MAX_PIXELS = 64_000_000
 Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves before decoding
@@ -24,7 +26,7 @@ def open_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with open_regular(path) as f, Image.open(f) as im:
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(f"{path}: {w}x{h} is over the {max_pixels:,}-pixel limit; downscale it first")
@@ -33,6 +35,8 @@ def open_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
             return to_rgb(im)
     except ImageError:
         raise
+    except UserFileError as e:  # a FIFO or device named like an image: never opened by PIL
+        raise ImageError(str(e)) from None
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

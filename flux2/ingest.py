@@ -22,16 +22,29 @@ from flux2.buckets import select_bucket, target_size
 from flux2.dataset import Entry, collect_sources, describe, list_entries
 from flux2.images import ImageError, open_rgb
 from flux2.params import DatasetParams, SourceParams
+from flux2.user_files import FileTooLarge, UserFileError, check_writable, open_regular, printable, read_limited, \
+    utf8_problem
+
+# Far more than any text encoder reads (512 tokens are ~2,000 characters): a longer caption is a mistake, such as a
+# whole document or a CSV column shifted into the caption.
+MAX_CAPTION_CHARS = 20_000
 
 REASONS = {
     "image_missing": "the image file does not exist",
     "path_outside_root": "a manifest path resolves outside the dataset root",
-    "unreadable": "not a readable image (truncated, empty, not an image)",
+    "unreadable": "not a readable image (truncated, empty, not an image, not a regular file such as a FIFO)",
+    "unsupported_format": "an image format ingest does not read (.gif, .heic, .avif, ...): convert it to PNG",
+    "bad_file_name": "the file name is not valid UTF-8: rename it",
+    "bad_row": "a manifest row that cannot be read as it is (more fields than the header, two columns for one "
+               "control)",
     "too_small": "the shorter side is under dataset.min_side",
     "too_large": "more pixels than dataset.max_pixels",
-    "caption_missing": "no caption file / no caption in the manifest row",
+    "caption_missing": "no caption file (or one that is not a readable regular file) / no caption in the "
+                       "manifest row",
     "caption_empty": "the caption is empty or only whitespace",
     "caption_not_utf8": "the caption file is not UTF-8 text",
+    "caption_too_long": f"the caption is over {MAX_CAPTION_CHARS:,} characters (the text encoder reads a few "
+                        "hundred tokens)",
     "control_missing": "a control image is missing",
     "control_unreadable": "a control image cannot be decoded",
     "duplicate": "the same image bytes as an earlier item",
@@ -129,8 +142,10 @@ def ingest(dataset: DatasetParams, holdout_fraction: float = 0.1, base: str | Pa
             select_bucket(*target_size(s.resolution), s.resolution, s.enable_bucket, s.bucket_no_upscale)
         except ValueError as e:
             raise IngestError(f"source {i} ({describe(s)}): {e}") from None
-    entries = [e for i, s in enumerate(sources) for e in list_entries(s, i)]
     manifest, report = base / dataset.manifest, base / dataset.report
+    check_writable(manifest, "dataset.manifest")  # before the work, not after it
+    check_writable(report, "dataset.report")
+    entries = [e for i, s in enumerate(sources) for e in list_entries(s, i)]
 
     items: list[Item] = []
     rejected: list[Rejection] = []
@@ -142,11 +157,12 @@ def ingest(dataset: DatasetParams, holdout_fraction: float = 0.1, base: str | Pa
             if item.sha256 in first_of:
                 raise Rejected("duplicate", f"same image as {first_of[item.sha256]}")
         except Rejected as r:
+            name, detail = printable(name), printable(r.detail)  # a non-UTF-8 name must still fit the report
             if dataset.on_error == "fail":
-                raise IngestError(f"{name}: {r.reason}: {r.detail} (dataset.on_error is fail; fix the item, or "
+                raise IngestError(f"{name}: {r.reason}: {detail} (dataset.on_error is fail; fix the item, or "
                                   f"set dataset.on_error: skip to skip bad items and list them in {dataset.report})"
                                   ) from None
-            rejected.append(Rejection(name, r.reason, r.detail))
+            rejected.append(Rejection(name, r.reason, detail))
             continue
         first_of[item.sha256] = item.image_path
         items.append(item)
@@ -155,10 +171,13 @@ def ingest(dataset: DatasetParams, holdout_fraction: float = 0.1, base: str | Pa
     for item, split in zip(items, holdout_split([i.sha256 for i in items], holdout_fraction)):
         item.split = split
     result = IngestResult(items, rejected, len(entries), manifest, report)
-    atomic_write_json(report, build_report(result, sources, dataset, holdout_fraction, base))
+    report_data = build_report(result, sources, dataset, holdout_fraction, base)
     if not items:
+        atomic_write_json(report, report_data)
         raise IngestError(_nothing_usable(result, sources, base))
-    write_manifest(items, manifest)
+    with atomic_path(manifest) as tmp:  # both written before either replaces its old version
+        pq.write_table(manifest_table(items), tmp)
+        atomic_write_json(report, report_data)
     print(summary(result, base))
     return result
 
@@ -167,6 +186,9 @@ def check_entry(entry: Entry, source: SourceParams, dataset: DatasetParams, base
     """Decode and check one entry; raises Rejected with the first problem found. The split is set later."""
     if entry.problem:
         raise Rejected(*entry.problem)
+    for path in (entry.image, *entry.controls):
+        if utf8_problem(path):
+            raise Rejected("bad_file_name", utf8_problem(path))
     width, height, sha = check_image(entry.image, dataset.min_side, dataset.max_pixels)
     caption = read_caption(entry)
     controls = [check_control(p, dataset.max_pixels, base) for p in entry.controls]
@@ -198,10 +220,12 @@ def check_image(path: Path, min_side: int, max_pixels: int) -> tuple[int, int, s
 def probe_size(path: Path) -> tuple[int, int]:
     """The size in the file header (no pixel data read); Rejected('unreadable') if it is not an image."""
     try:
-        with Image.open(path) as im:
+        with open_regular(path) as f, Image.open(f) as im:
             return im.size
     except FileNotFoundError:
         raise Rejected("image_missing", "file not found") from None
+    except UserFileError as e:
+        raise Rejected("unreadable", _strip_path(e, path)) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise Rejected("unreadable", f"not an image ({e})") from None
 
@@ -222,9 +246,14 @@ def read_caption(entry: Entry) -> str:
     'caption_empty')."""
     if entry.caption_file is not None:
         try:
-            data = entry.caption_file.read_bytes()
+            data = read_limited(entry.caption_file, 4 * MAX_CAPTION_CHARS + 3, "a caption")  # UTF-8: <= 4 bytes a char
         except FileNotFoundError:
             raise Rejected("caption_missing", f"no caption file {entry.caption_file.name}") from None
+        except FileTooLarge:
+            raise Rejected("caption_too_long", f"{entry.caption_file.name} is over "
+                                               f"{4 * MAX_CAPTION_CHARS + 3:,} bytes; is it a caption?") from None
+        except UserFileError as e:  # a FIFO, or a link to /dev/zero
+            raise Rejected("caption_missing", str(e)) from None
         except OSError as e:
             raise Rejected("caption_missing", f"cannot read {entry.caption_file.name} ({e.strerror or e})") from None
         try:
@@ -244,6 +273,9 @@ def read_caption(entry: Entry) -> str:
     text = text.strip()
     if not text:
         raise Rejected("caption_empty", f"{entry.caption_file.name if entry.caption_file else 'caption'} is empty")
+    if len(text) > MAX_CAPTION_CHARS:
+        raise Rejected("caption_too_long", f"{entry.caption_file.name if entry.caption_file else 'the caption'} "
+                                           f"holds {len(text):,} characters; shorten it")
     return text
 
 
@@ -263,12 +295,9 @@ def holdout_split(sha256s: list[str], fraction: float) -> list[str]:
     return split
 
 
-def write_manifest(items: list[Item], path: Path) -> None:
-    """The items as Parquet (MANIFEST_SCHEMA), written atomically."""
-    rows = [asdict(i) for i in items]
-    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+def manifest_table(items: list[Item]) -> pa.Table:
+    """The items as a table of MANIFEST_SCHEMA."""
+    return pa.Table.from_pylist([asdict(i) for i in items], schema=MANIFEST_SCHEMA)
 
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:

@@ -1,11 +1,9 @@
 """DVC stage `ingest`: the sources in params.yaml (dataset, eval.holdout_fraction) -> data/manifest.parquet and
-reports/ingest.json. Run from the repository root: `python -m stages.ingest`."""
-from flux2.ingest import ingest
-from flux2.params import load_params
+reports/ingest.json. Run from the repository root: `python -m stages.ingest`. Extra options are passed on (see
+`flux2 ingest --help`)."""
+import sys
+
+from flux2.cli import main
 
 if __name__ == "__main__":
-    try:
-        params = load_params("params.yaml", check_paths=False)  # ingest needs no model files
-        ingest(params.dataset, params.eval.holdout_fraction)
-    except ValueError as e:  # ParamsError, DatasetError, IngestError: one line a user can act on
-        raise SystemExit(f"error: {e}") from None
+    sys.exit(main(["ingest", "--params", "params.yaml", *sys.argv[1:]]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -96,6 +97,16 @@ def write_bad_corpus(root: str | Path) -> dict[str, str | None]:
     image("bad_control.png", encoded(noise(96, 64, 15), "PNG"), "control_unreadable", control=False)
     (controls / "bad_control.png").write_bytes(encoded(noise(64, 64, 16), "PNG")[:500])
     image("good_rgb_copy.png", good, "duplicate")  # sorts after good_rgb.png, so it is the second copy
+    image("still.gif", encoded(noise(96, 64, 20), "GIF"), "unsupported_format")
+    image("long_caption.png", encoded(noise(96, 64, 21), "PNG"), "caption_too_long", caption="a word " * 4000)
+    latin1 = os.fsencode(images) + b"/caf\xe9.png"  # a Latin-1 file name (its control too): not UTF-8
+    with open(latin1, "wb") as f:
+        f.write(encoded(noise(96, 64, 22), "PNG"))
+    with open(latin1[:-4] + b".txt", "wb") as f:
+        f.write(b"a cafe")
+    with open(os.fsencode(controls) + b"/caf\xe9.png", "wb") as f:
+        f.write(encoded(noise(32, 32, 23), "PNG"))
+    expected["caf\\xe9.png"] = "bad_file_name"  # the report shows the byte as \xe9
 
     # A manifest whose root is its own folder.
     noise(64, 64, 17).save(manifest_dir / "m_good.png")
@@ -105,10 +116,12 @@ def write_bad_corpus(root: str | Path) -> dict[str, str | None]:
     rows = [{"image_path": "m_good.png", "caption": "from the manifest", "control_path": "m_good_control.png"},
             {"image_path": "../outside.png", "caption": "escapes the root"},
             {"image_path": "link_out.png", "caption": "a symlink that escapes the root"},
-            {"image_path": "missing.png", "caption": "not there"}]
+            {"image_path": "missing.png", "caption": "not there"},
+            {"image_path": "m_good.png", "caption": "two columns for control 1", "control_path_1": "m_good_control.png",
+             "control_path_01": "m_good_control.png"}]
     (manifest_dir / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     expected.update({"m_good.png": None, "outside.png": "path_outside_root", "link_out.png": "path_outside_root",
-                     "missing.png": "image_missing"})
+                     "missing.png": "image_missing", "manifest.jsonl row 5": "bad_row"})
     return expected
 
 

@@ -283,7 +283,7 @@ def test_stage_entry_point_runs_as_a_subprocess(tmp_path):
     shutil.rmtree(tmp_path / "images")
     done = subprocess.run([sys.executable, "-m", "stages.ingest"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == 1 and done.stderr.startswith("error: image_directory") and "Traceback" not in done.stderr
+    assert done.returncode == 2 and done.stderr.startswith("error: image_directory") and "Traceback" not in done.stderr
 
 
 def test_atomic_writes_leave_the_old_file_on_error(tmp_path):
