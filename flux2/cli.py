@@ -259,18 +259,16 @@ def params_with_overrides(args: argparse.Namespace):
     """params.yaml with the command line's `group.field` options applied, validated as a whole."""
     from pathlib import Path
 
-    import yaml
-
-    from flux2.params import ParamsError, check_model_paths, parse_params
+    from flux2.params import ParamsError, check_model_paths, parse_params, read_params_file
 
     path = Path(args.params)
-    if not path.is_file():
-        raise ParamsError(f"{path}: not found; pass --params PATH")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = read_params_file(path)
     for dest, value in vars(args).items():
         if "." in dest:
             group, key = dest.split(".", 1)
-            data.setdefault(group, {})[key] = value
+            if not isinstance(data.setdefault(group, {}), dict):
+                raise ParamsError(f"{path}: {group}: expected a mapping of settings, got {data[group]!r}")
+            data[group][key] = value
     params = parse_params(data, str(path))
     check_model_paths(params, path.parent, str(path))
     return params, path.parent
@@ -350,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         # can act on: show it without a traceback (FLUX2_DEBUG=1 for one). Anything else is a bug: raise it.
         if not isinstance(e, (ValueError, OSError, TrainingError)) or os.environ.get("FLUX2_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        # An OSError that our code made to name its path (`OSError(errno, "could not write PATH: ...")`) reads
+        # better without the "[Errno N]" prefix.
+        named = isinstance(e, OSError) and e.errno is not None and e.filename is None and e.strerror
+        print(f"error: {e.strerror if named else e}", file=sys.stderr)
         return 2
     return 0
 

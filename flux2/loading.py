@@ -36,7 +36,25 @@ def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.devi
     """"auto" (or None): this process's CUDA device when there is one, else the CPU; otherwise the named one."""
     if name in (None, "auto"):
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    check_device_available(device)
+    return device
+
+
+def check_device_available(device: torch.device) -> None:
+    """A clear error for a CUDA device this machine does not have (instead of a traceback at the first tensor)."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"device {str(device)!r}: no CUDA device is available here (torch {torch.__version__}, "
+                         f"CUDA {torch.version.cuda or 'not built in'}); use auto or cpu")
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                         f"cuda:{count - 1}")
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -159,6 +161,26 @@ class Params:
     tracking: TrackingParams = field(default_factory=TrackingParams)
 
 
+# train.optimizer_type: these names, or `module.Class` in one of these packages (see flux2/optim.py). Naming a
+# class imports its module, which runs the module's code: only packages that exist to provide optimizers qualify.
+OPTIMIZER_NAMES = ("adamw", "adamw8bit", "adafactor")  # any case, as in musubi-tuner
+OPTIMIZER_PACKAGES = ("torch.optim", "bitsandbytes.optim", "transformers.optimization", "prodigyopt",
+                      "lion_pytorch", "dadaptation", "schedulefree", "came_pytorch", "pytorch_optimizer",
+                      "torchao.optim", "optimi")
+
+
+def optimizer_type_problem(optimizer_type: str) -> str | None:
+    """Why `optimizer_type` may not be loaded (decided without importing anything), or None when it may."""
+    if optimizer_type.lower() in OPTIMIZER_NAMES:
+        return None
+    module_name, _, class_name = optimizer_type.rpartition(".")
+    allowed = any(module_name == p or module_name.startswith(p + ".") for p in OPTIMIZER_PACKAGES)
+    if module_name and class_name.isidentifier() and allowed:
+        return None
+    return (f"{optimizer_type!r} is not an optimizer this trainer loads; use {', '.join(OPTIMIZER_NAMES)} or a "
+            f"class of {', '.join(OPTIMIZER_PACKAGES)} (e.g. torch.optim.SGD, prodigyopt.Prodigy)")
+
+
 CHOICES = {
     "model.model_version": list(VARIANTS),
     "model.dtype": ["auto", "bfloat16", "float32"],
@@ -213,6 +235,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML's .nan / .inf: no setting means that
+                raise ParamsError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -258,18 +282,70 @@ def parse_params(data: dict | None, source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source}: {e}") from None
 
 
-def load_params(path: str | Path = "params.yaml", check_paths: bool = True) -> Params:
-    """Read and validate params.yaml. Relative paths in it are relative to the file's folder."""
+MAX_PARAMS_BYTES = 10_000_000
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (plain YAML keeps the last one, so a
+    pasted block silently overrides a setting above it). Merge keys (`<<: *base`) may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key} is given twice (lines {first} and {key_node.start_mark.line + 1}); keep one",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def read_params_file(path: str | Path) -> dict:
+    """The mapping in a params.yaml (safe YAML, no duplicate keys, size-limited); ParamsError naming the file and
+    the line otherwise."""
+    from flux2.user_files import UserFileError, read_limited
+
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found; run from the repository root or pass --params PATH")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ParamsError(f"{path}: not valid YAML ({e})") from None
-    if data is not None and not isinstance(data, dict):
+        loader = _UniqueKeyLoader(read_limited(path, MAX_PARAMS_BYTES, "params.yaml").decode("utf-8"))
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except UserFileError as e:
+        raise ParamsError(str(e)) from None
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        what = " ".join(f"{getattr(e, 'context', '') or ''} {getattr(e, 'problem', '') or e}".split())
+        if isinstance(e, yaml.constructor.ConstructorError) and "tag" in what:
+            what += "; params.yaml holds plain values only, no !!python or other tags"
+        elif not isinstance(e, yaml.constructor.ConstructorError):
+            what = f"not valid YAML ({what}); fix the syntax there"
+        raise ParamsError(f"{path}{where}: {what}") from None
+    except RecursionError:
+        raise ParamsError(f"{path}: nested too deeply to be a params file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of groups (model, dataset, ...), got {type(data).__name__}")
-    params = parse_params(data, str(path))
+    return data
+
+
+def load_params(path: str | Path = "params.yaml", check_paths: bool = True) -> Params:
+    """Read and validate params.yaml. Relative paths in it are relative to the file's folder."""
+    path = Path(path)
+    params = parse_params(read_params_file(path), str(path))
     if check_paths:
         check_model_paths(params, path.parent, str(path))
     return params
@@ -316,6 +392,48 @@ def check_semantics(p: Params) -> None:
             raise ParamsError(f"{key}.num_repeats: must be at least 1, got {s.num_repeats}")
     if not p.dataset.sources and not p.dataset.toml:
         raise ParamsError("dataset.sources: empty; list at least one source or set dataset.toml")
+    check_ranges(p)
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_ranges(p: Params) -> None:
+    """Counts, step intervals and rates within what they can mean, the device and optimizer named in forms that
+    can load, and resolutions that fit dataset.max_pixels: each refused by its key before any work starts."""
+    t, d = p.train, p.dataset
+    at_least = [
+        ("train.max_train_steps", t.max_train_steps, 1),  # None (use max_train_epochs) is fine
+        ("train.max_train_epochs", t.max_train_epochs, 1),
+        ("train.log_every_n_steps", t.log_every_n_steps, 1),
+        ("train.lr_scheduler_num_cycles", t.lr_scheduler_num_cycles, 1),
+        ("train.save_every_n_steps", t.save_every_n_steps, 0),  # 0: never
+        ("train.sample_every_n_steps", t.sample_every_n_steps, 0),
+        ("train.lr_warmup_steps", t.lr_warmup_steps, 0),
+        ("train.learning_rate", t.learning_rate, 0),
+        ("train.max_grad_norm", t.max_grad_norm, 0),  # 0: no clipping
+        ("dataset.min_side", d.min_side, 1),
+        ("dataset.max_pixels", d.max_pixels, 1),
+        ("eval.infer_steps", p.eval.infer_steps, 1),
+    ]
+    for key, value, low in at_least:
+        if value is not None and value < low:
+            raise ParamsError(f"{key}: must be at least {low}, got {value}")
+    for key, value in (("train.network_alpha", t.network_alpha), ("train.discrete_flow_shift",
+                                                                  t.discrete_flow_shift)):
+        if value <= 0:
+            raise ParamsError(f"{key}: must be above 0, got {value}")
+    if not DEVICE.fullmatch(p.model.device):
+        raise ParamsError(f"model.device: {p.model.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    problem = optimizer_type_problem(t.optimizer_type)
+    if problem:
+        raise ParamsError(f"train.optimizer_type: {problem}")
+    for i, s in enumerate(d.sources):
+        res = [s.resolution] * 2 if isinstance(s.resolution, int) else s.resolution
+        if len(res) == 2 and res[0] * res[1] > d.max_pixels:
+            raise ParamsError(f"dataset.sources[{i}].resolution: {s.resolution} ({res[0]}x{res[1]} = "
+                              f"{res[0] * res[1]:,} pixels) is over dataset.max_pixels ({d.max_pixels:,}); FLUX.2 "
+                              "trains at 256 to 2048 (a typo?)")
 
 
 def check_model_paths(p: Params, base: Path, source: str) -> None:
@@ -329,9 +447,12 @@ def check_model_paths(p: Params, base: Path, source: str) -> None:
         raise ParamsError(f"{source}: dataset.toml: {p.dataset.toml} does not exist")
     config = base / m.text_encoder / "config.json"
     if config.is_file():
-        import json
+        from flux2.user_files import read_json
 
-        kind = json.loads(config.read_text()).get("model_type", "")
+        try:
+            kind = str(read_json(config, MAX_PARAMS_BYTES, "the text encoder's config").get("model_type", ""))
+        except ValueError as e:
+            raise ParamsError(f"{source}: model.text_encoder: {e}") from None
         want = VARIANTS[m.model_version].text_encoder
         if want not in kind and not (want == "mistral3" and "mistral" in kind):
             raise ParamsError(f"{source}: model.text_encoder: {m.text_encoder} is a {kind!r} model, but "

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from flux2 import sampling, timesteps
 from flux2.atomic import atomic_write_json, atomic_write_text, remove_temporaries, sha256_file
 from flux2.checkpoint import TrainState, list_checkpoints, load_latest_checkpoint, save_checkpoint
-from flux2.optim import build_optimizer, lr_factor
+from flux2.optim import build_optimizer, check_optimizer, lr_factor
 from flux2.params import Params, to_flat_dict
 from flux2.train_data import Batch, TrainData, mix_seed
 from flux2.variants import Variant, get_variant
@@ -216,6 +216,7 @@ def setup(p: Params, base: Path) -> Training:
     if warning and main:
         log.warning(warning)
         print(f"warning: {warning}")
+    check_inputs(p, main)
     if p.model.blocks_to_swap and not t_cfg.gradient_checkpointing:
         raise TrainingError("model.blocks_to_swap needs train.gradient_checkpointing: true (without it autograd "
                             "keeps every swapped block on the GPU until backward, so nothing is saved)")
@@ -251,6 +252,16 @@ def setup(p: Params, base: Path) -> Training:
               f"items, {steps_total} steps, {world} process(es), device {device}")
     return Training(p, base, variant, device, dtype, rank, world, main, data, manifest, fingerprint, steps_total,
                     dit, network, params, optimizer, base / t_cfg.checkpoint_dir, warning)
+
+
+def check_inputs(p: Params, main: bool) -> None:
+    """What can be checked in a second, before minutes of loading: the optimizer and its arguments, and (on the
+    main process) that an http(s) tracking server answers."""
+    from flux2.tracking import check_server, tracking_uri
+
+    check_optimizer(p.train.optimizer_type, p.train.learning_rate, p.train.optimizer_args)
+    if main:
+        check_server(tracking_uri(p.tracking.tracking_uri))
 
 
 def resume(tr: Training) -> Progress:

@@ -77,5 +77,7 @@ def test_optimizers_build():
     assert isinstance(optim.build_optimizer(p, "adamw", 1e-3), torch.optim.AdamW)
     assert type(optim.build_optimizer(p, "torch.optim.SGD", 1e-3, {"momentum": 0.9})).__name__ == "SGD"
     assert type(optim.build_optimizer(p, "adafactor", 1e-3)).__name__ == "Adafactor"
-    with pytest.raises(ValueError, match="cannot import"):
-        optim.build_optimizer(p, "nope.Missing", 1e-3)
+    with pytest.raises(ValueError, match="cannot be imported"):
+        optim.build_optimizer(p, "torch.optim.Missing", 1e-3)
+    with pytest.raises(ValueError, match="'nope.Missing' is not an optimizer this trainer loads"):
+        optim.build_optimizer(p, "nope.Missing", 1e-3)  # refused before any import
