@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import re
 import struct
 from contextlib import ExitStack
@@ -27,6 +26,8 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from flux2.fp8 import quantize_linears
+from flux2.safetensors_io import read_header
+from flux2.user_files import read_json
 from flux2.variants import TextEncoderConfig, Variant
 
 # Goes into cache keys: bump it whenever the templates or the tokenisation below change.
@@ -55,6 +56,9 @@ MISTRAL_SMALL_3 = dict(vocab_size=131072, hidden_size=5120, intermediate_size=32
                        bos_token_id=1, eos_token_id=2)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                        "vocab.json", "chat_template.json", "tekken.json")
+MAX_JSON_BYTES = 500_000_000  # the biggest tokenizer.json files are tens of MB
 _SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<index>\d+)-of-(?P<total>\d+)\.safetensors$")
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 
@@ -204,7 +208,15 @@ def _check_variant_fit(variant: Variant, kind: str, hidden: int, num_layers: int
 
 def resolve_weight_files(path: str | Path) -> list[Path]:
     """The safetensors files of a text encoder given as a Hugging Face folder, any file of a split set
-    `...-0000k-of-0000N.safetensors`, or a single .safetensors file."""
+    `...-0000k-of-0000N.safetensors`, or a single .safetensors file; each one's header checked (a truncated
+    download is named here, before anything is fingerprinted or loaded)."""
+    files = _find_weight_files(path)
+    for file in files:
+        read_header(file)
+    return files
+
+
+def _find_weight_files(path: str | Path) -> list[Path]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"text encoder not found: {path}")
@@ -215,10 +227,13 @@ def resolve_weight_files(path: str | Path) -> list[Path]:
         return _split_set(path) if _SPLIT_RE.match(path.name) else [path]
     files = sorted(path.glob("*.safetensors"))
     if not files and (path / "text_encoder").is_dir():  # a whole pipeline repo: text_encoder/ + tokenizer/
-        return resolve_weight_files(path / "text_encoder")
+        return _find_weight_files(path / "text_encoder")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index, MAX_JSON_BYTES, "a safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: no weight_map of tensor names to files; the file is damaged: copy it again")
+        names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} lists weight files missing from {path}: {', '.join(missing)}")
@@ -264,14 +279,30 @@ def load_tokenizer(folder: Path):
     """The tokenizer in `folder`, with its chat template (also read from a processor's chat_template.json)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    check_tokenizer_files(folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # tokenizers / transformers raise plain Exceptions and OSErrors naming no file
+        raise ValueError(f"{folder}: the tokenizer cannot be loaded ({' '.join(str(e).split())}); copy the "
+                         "tokenizer files of the model again") from None
     legacy = folder / "chat_template.json"
     if getattr(tok, "chat_template", None) is None and legacy.is_file():
-        tok.chat_template = json.loads(legacy.read_text())["chat_template"]
+        template = read_json(legacy, MAX_JSON_BYTES, "a chat template").get("chat_template")
+        if not isinstance(template, str):
+            raise ValueError(f"{legacy}: no chat_template text in it; copy it again")
+        tok.chat_template = template
     if getattr(tok, "chat_template", None) is None:
         raise ValueError(f"the tokenizer in {folder} has no chat template (no chat_template.jinja, "
                          f"chat_template.json or chat_template in tokenizer_config.json); FLUX.2 needs it")
     return tok
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """Every JSON file of a tokenizer folder parses (a truncated tokenizer.json otherwise fails inside the
+    tokenizers library with a message that names no file)."""
+    for name in TOKENIZER_JSON_FILES:
+        if (folder / name).is_file():
+            read_json(folder / name, MAX_JSON_BYTES, f"the tokenizer's {name}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,7 +395,14 @@ def _read_config(weight_dir: Path, variant: Variant):
         return builtin_config(variant)
     from transformers import AutoConfig
 
-    text_config = AutoConfig.from_pretrained(str(weight_dir)).get_text_config()
+    if "model_type" not in read_json(weight_dir / "config.json", MAX_JSON_BYTES, "the text encoder's config"):
+        raise ValueError(f"{weight_dir / 'config.json'}: no model_type (qwen3 or mistral3); copy the config.json of "
+                         "the model again")
+    try:
+        text_config = AutoConfig.from_pretrained(str(weight_dir)).get_text_config()
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{weight_dir / 'config.json'}: not a usable text encoder config "
+                         f"({' '.join(str(e).split())})") from None
     if _kind_of_config(text_config) != variant.text_encoder:
         raise ValueError(f"{weight_dir / 'config.json'} describes a {text_config.model_type!r} model, but "
                          f"--model_version {variant.name} needs {KIND_NAMES[variant.text_encoder]}")
