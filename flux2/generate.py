@@ -13,6 +13,7 @@ import gc
 import json
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,10 +151,45 @@ def check_lora_files(opts: GenerateOptions) -> None:
                              "file, or a single one for all")
         if values and not n and name != "--lora_multiplier":
             raise ValueError(f"{name} is given without --lora_weight")
+    for name, patterns in (("--include_patterns", opts.include_patterns), ("--exclude_patterns",
+                                                                           opts.exclude_patterns)):
+        for pattern in patterns or []:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{name} {pattern!r} is not a valid regular expression ({e})") from None
     if opts.save_merged_model and not n:
         raise ValueError("--save_merged_model needs --lora_weight: there is nothing to merge")
     for path in opts.lora_weight:
         detect_format(tensor_shapes(path), path)
+
+
+def check_numbers(opts: GenerateOptions) -> None:
+    """Every number option finite and in its range: `--lora_multiplier nan` would give a black image."""
+    numbers = [("--lora_multiplier", m) for m in opts.lora_multiplier] + [
+        ("--embedded_cfg_scale", opts.embedded_cfg_scale), ("--guidance_scale", opts.guidance_scale),
+        ("--flow_shift", opts.flow_shift)]
+    for name, value in numbers:
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name} {value}: must be a finite number")
+    if opts.flow_shift is not None and opts.flow_shift <= 0:
+        raise ValueError(f"--flow_shift {opts.flow_shift}: must be above 0")
+    if opts.infer_steps is not None and opts.infer_steps < 1:
+        raise ValueError(f"--infer_steps {opts.infer_steps}: must be at least 1")
+    if opts.blocks_to_swap < 0:
+        raise ValueError(f"--blocks_to_swap {opts.blocks_to_swap}: must be 0 or more")
+
+
+def check_finite_output(latents: list[Tensor], opts: GenerateOptions) -> None:
+    """Refuse to write an image from NaN or inf latents (it would be black): the weights hold them, since every
+    option and LoRA file was checked to be finite before."""
+    bad = [k for k, x in enumerate(latents) if not torch.isfinite(x).all()]
+    if bad:
+        loras = f" or a LoRA ({', '.join(opts.lora_weight)})" if opts.lora_weight else ""
+        raise ValueError(f"the denoised latents of {len(bad)} of {len(latents)} image(s) hold NaN or inf, so no "
+                         f"image was written: the DiT {opts.dit}{loras} holds non-finite weights, or they overflow in "
+                         f"{opts.dtype or 'the default dtype'} (--fp8_scaled?); check the files, e.g. load them in "
+                         "safetensors and test torch.isfinite")
 
 
 def generate(opts: GenerateOptions) -> list[Path]:
@@ -164,6 +200,7 @@ def generate(opts: GenerateOptions) -> list[Path]:
     variant = get_variant(opts.model_version)
     if opts.output_type not in ("images", "latent", "latent_images"):
         raise ValueError(f"--output_type {opts.output_type!r}: use images, latent or latent_images")
+    check_numbers(opts)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     check_lora_files(opts)
@@ -196,6 +233,7 @@ def generate(opts: GenerateOptions) -> list[Path]:
                               device) for job, cond in zip(jobs, conds)]
     free(dit)
     del dit
+    check_finite_output(latents, opts)
 
     out_dir = Path(opts.save_path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -310,7 +348,7 @@ def save_merged_dit(opts: GenerateOptions, variant: Variant) -> Path:
     """Load the DiT unquantised on the CPU, merge the LoRAs and write it in the BFL layout, in the file's own
     dtype (bfloat16 for an fp8 file) unless `opts.dtype` says otherwise."""
     from flux2.loading import load_dit, save_dit
-    from flux2.safetensors_io import tensor_shapes
+    from flux2.safetensors_io import non_finite_keys, tensor_shapes
 
     if opts.dtype is not None:
         dtype = resolve_dtype(opts.dtype, torch.device("cpu"))
@@ -325,6 +363,11 @@ def save_merged_dit(opts: GenerateOptions, variant: Variant) -> Path:
     dit = load_dit(opts.dit, variant, device="cpu", dtype=dtype)
     _apply_loras(dit, opts, merge=True)
     path = Path(opts.save_merged_model)
+    bad = non_finite_keys(dit.state_dict())
+    if bad:
+        raise ValueError(f"refusing to write {path}: {len(bad)} tensors of the merged DiT hold NaN or inf (e.g. "
+                         f"{bad[0]}): the DiT {opts.dit} holds them, or the merge overflows "
+                         f"{str(dtype).removeprefix('torch.')} (try --dtype float32)")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_dit(dit, path, {"flux2.variant": variant.name, "flux2.base_dit": str(opts.dit),
                          "flux2.merged_loras": json.dumps(lora_list(opts))})

@@ -29,7 +29,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from flux2.safetensors_io import load_file, read_metadata, save_file_atomic
+from flux2.safetensors_io import load_file, non_finite_keys, read_metadata, save_file_atomic
 
 FORMATS = ("kohya", "comfy", "diffusers")
 
@@ -213,8 +213,14 @@ def detect_format(keys: Iterable[str], origin: str = "<state dict>") -> str:
 # ---------------------------------------------------------------------------------------------- read
 
 def read_lora(path: str | os.PathLike) -> LoRA:
-    """Read a LoRA file in any supported layout into canonical form."""
-    return lora_from_state_dict(load_file(path), read_metadata(path), origin=str(path))
+    """Read a LoRA file in any supported layout into canonical form; one holding NaN or inf is refused (applied,
+    it would make every image black)."""
+    sd = load_file(path)
+    bad = non_finite_keys(sd)
+    if bad:
+        raise LoRAFormatError(f"{path}: {len(bad)} of its tensors hold NaN or inf ({_listing(bad)}); the file is "
+                              "damaged or its training diverged: use an earlier checkpoint or train it again")
+    return lora_from_state_dict(sd, read_metadata(path), origin=str(path))
 
 
 def lora_from_state_dict(sd: dict[str, Tensor], metadata: dict[str, str] | None = None,
@@ -437,7 +443,7 @@ def to_diffusers(lora: LoRA) -> dict[str, Tensor]:
 
 def check_finite(tensors: dict[str, Tensor], path: str | os.PathLike) -> None:
     """Refuse to write NaN or inf: a file with them would silently ruin every image it is applied to."""
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = non_finite_keys(tensors)
     if bad:
         raise ValueError(f"refusing to write {path}: {len(bad)} LoRA tensors hold NaN or inf values "
                          f"({_listing(bad)}). Training diverged: lower the learning rate or resume from an "

@@ -163,6 +163,13 @@ def _check_entries(path: Path, header: dict, data_size: int) -> None:
                               "tensor that its header does not describe; download it again")
 
 
+def non_finite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN or an inf (fp8 ones widened to check: torch has
+    no isfinite for them)."""
+    return [k for k, t in tensors.items() if t.is_floating_point()
+            and not torch.isfinite(t if t.element_size() > 1 else t.to(torch.float16)).all()]
+
+
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[Shape, torch.dtype]]:
     """name -> (shape, dtype) of every tensor, from the checked header alone (no tensor data is read)."""
     header, _ = read_header(path)
