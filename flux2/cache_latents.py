@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from flux2.cache_store import (BuildStats, CacheError, Dist, Job, build_cache, content_key, peak_rss_mb,
-                               write_mapping)
+                               read_mapping, write_mapping)
 from flux2.loading import resolve_device
 from flux2.variants import Variant, get_variant
 
@@ -210,12 +209,9 @@ def finish_report(report: dict[str, Any], path: Path | None) -> None:
 
 def read_item_map(cache_dir: str | Path) -> dict[str, ItemLatents]:
     """Manifest item id -> ItemLatents, from the latents cache's items.parquet."""
-    path = Path(cache_dir) / ITEMS_FILE
-    if not path.is_file():
-        raise CacheError(f"{path} not found; run cache_latents (dvc repro cache_latents)")
-    table = pq.read_table(path)
+    rows = read_mapping(Path(cache_dir) / ITEMS_FILE, "cache_latents")
     return {r["id"]: ItemLatents(r["latent_key"], list(r["control_keys"]), (r["bucket_width"], r["bucket_height"]),
-                                 r["split"]) for r in table.to_pylist()}
+                                 r["split"]) for r in rows}
 
 
 # ----------------------------------------------------------------------------------------------------------

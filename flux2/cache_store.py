@@ -46,6 +46,7 @@ INDEX_FILE = "index.parquet"
 LOCK_FILE = ".lock"  # held (flock) by the process that builds the folder
 SHARD_DIR = "shards"
 META_KEY = b"flux2.cache"
+ROWS_SHA_KEY = b"flux2.rows_sha256"  # mapping files: sha256 of their rows
 CRC_META = "crc32"  # shard metadata: JSON {key: crc32} of its tensors
 COMPACT_BELOW = 0.5  # a shard whose live bytes fall under this share of its data is rewritten
 _PART_RE = re.compile(r"^index\.part-r\d+\.parquet$")
@@ -104,7 +105,8 @@ def read_index(cache_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, s
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
-        raise CacheCorruptError(f"{path} cannot be read ({e}); rerun the caching stage to rebuild it") from None
+        raise CacheCorruptError(f"{path} cannot be read ({' '.join(str(e).split())}); rerun the caching stage to "
+                                "rebuild it") from None
     missing = [n for n in INDEX_SCHEMA.names if n not in table.column_names]
     raw = (table.schema.metadata or {}).get(META_KEY)
     if missing or raw is None:
@@ -126,11 +128,36 @@ def write_index(cache_dir: str | Path, rows: list[dict[str, Any]], meta: dict[st
 
 
 def write_mapping(path: str | Path, rows: list[dict[str, Any]], schema: pa.Schema, meta: dict[str, str]) -> None:
-    """A small Parquet lookup table (item -> keys, text -> key) beside an index, written atomically."""
+    """A small Parquet lookup table (item -> keys, text -> key) beside an index, written atomically, with the
+    sha256 of its rows in the schema metadata (`read_mapping` checks it: Parquet itself lets many bit flips
+    through as different values)."""
     table = pa.Table.from_pylist(rows, schema=schema.with_metadata(
         {META_KEY: json.dumps(meta, sort_keys=True).encode()}))
+    table = table.replace_schema_metadata({**table.schema.metadata, ROWS_SHA_KEY: _rows_sha256(table).encode()})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def read_mapping(path: str | Path, stage: str) -> list[dict[str, Any]]:
+    """The rows of a mapping file written by `write_mapping`; CacheCorruptError naming the file and the stage
+    that rebuilds it when the file cannot be read or its rows differ from what was written."""
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"{path} not found; run {stage} (dvc repro {stage})")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise CacheCorruptError(f"{path} cannot be read ({' '.join(str(e).split())}); rerun {stage} to rebuild "
+                                "it") from None
+    expected = (table.schema.metadata or {}).get(ROWS_SHA_KEY)
+    if expected is not None and expected.decode(errors="replace") != _rows_sha256(table):
+        raise CacheCorruptError(f"{path} is damaged (its rows do not match their checksum); rerun {stage} to "
+                                "rebuild it")
+    return table.to_pylist()
+
+
+def _rows_sha256(table: pa.Table) -> str:
+    return hashlib.sha256(json.dumps(table.to_pylist(), sort_keys=True).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------

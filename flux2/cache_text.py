@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from flux2.cache_latents import DTYPES, finish_report, make_report, process_device, resolve_manifest
-from flux2.cache_store import CacheError, Dist, Job, build_cache, content_key, write_mapping
+from flux2.cache_store import Dist, Job, build_cache, content_key, read_mapping, write_mapping
 from flux2.loading import resolve_dtype
 from flux2.variants import Variant, get_variant
 
@@ -160,11 +159,7 @@ def cache_text(cfg: TextConfig, dist: Dist | None = None) -> dict[str, Any]:
 
 def read_prompt_map(cache_dir: str | Path) -> dict[str, str]:
     """Prompt text -> key, from the text cache's prompts.parquet."""
-    path = Path(cache_dir) / PROMPTS_FILE
-    if not path.is_file():
-        raise CacheError(f"{path} not found; run cache_text (dvc repro cache_text)")
-    table = pq.read_table(path, columns=["text", "key"])
-    return dict(zip(table.column("text").to_pylist(), table.column("key").to_pylist()))
+    return {r["text"]: r["key"] for r in read_mapping(Path(cache_dir) / PROMPTS_FILE, "cache_text")}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,9 +6,15 @@ into folders that are deleted afterwards.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import secrets
+import socket
 import time
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +76,71 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location(uri))
 
 
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds when an http(s) tracking server is down: MLflow itself retries for minutes (7 retries,
+    backoff factor 2) before it says anything. A short TCP connect to the server's port decides."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    where = f"the MLflow tracking URI {uri} (tracking.tracking_uri, or $MLFLOW_TRACKING_URI)"
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((host, port), timeout=timeout).close()
+    except ValueError as e:  # a port that is not a number
+        raise ValueError(f"{where}: {e}") from None
+    except OSError as e:
+        raise ValueError(f"{where}: no server answers at {host}:{port} ({e.strerror or e}); start the MLflow "
+                         f"server, or set tracking.tracking_uri: null to use the sqlite store in the repository"
+                         ) from None
+
+
+@contextmanager
+def store_errors(uri: str) -> Iterator[None]:
+    """A store that cannot be written (a full disk, a read-only folder, a locked or damaged database) as one
+    OSError naming it, instead of SQLAlchemy's traceback from inside MLflow."""
+    try:
+        yield
+    except Exception as e:
+        cause: BaseException | None = e
+        while cause is not None and type(cause).__module__.split(".")[0] not in ("sqlalchemy", "sqlite3"):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or isinstance(e, OSError):
+            raise
+        reason = " ".join(str(getattr(cause, "orig", None) or cause).split("\n")[0].split())
+        store = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri
+        raise OSError(f"could not write the MLflow store {store}: {reason}; free disk space there (or fix its "
+                      "permissions) and rerun") from e
+
+
+class _NoTraceback(logging.Filter):
+    """MLflow logs the whole traceback of a failed database write and then raises it; `store_errors` says it in
+    one line instead (FLUX2_DEBUG=1 keeps MLflow's log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None or bool(os.environ.get("FLUX2_DEBUG"))
+
+
+class GuardedClient:
+    """An MlflowClient whose every call runs under `store_errors`."""
+
+    def __init__(self, client: Any, uri: str):
+        self._client, self._uri = client, uri
+        db_log = logging.getLogger("mlflow.store.db.utils")
+        if not any(isinstance(f, _NoTraceback) for f in db_log.filters):
+            db_log.addFilter(_NoTraceback())
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with store_errors(self._uri):
+                return attr(*args, **kwargs)
+        return call
+
+
 class Run:
     """An MLflow run with batched metric logging (one log_batch per flush instead of a call per value)."""
 
@@ -78,8 +149,10 @@ class Run:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         from mlflow.tracking import MlflowClient
 
-        init_store(uri)
-        self.client = MlflowClient(tracking_uri=uri)
+        check_server(uri)
+        with store_errors(uri):
+            init_store(uri)
+        self.client = GuardedClient(MlflowClient(tracking_uri=uri), uri)
         if run_id is None:
             run_id = self.client.create_run(experiment_id(self.client, experiment, uri), run_name=run_name).info.run_id
         self.run_id = run_id
