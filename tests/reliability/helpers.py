@@ -168,3 +168,30 @@ def begun(cache_dir: Path, kind: str) -> Callable[[], bool]:
     if kind == "latents":
         return (cache_dir / SHARD_DIR).exists
     return shards_written(cache_dir, 1)
+
+
+def one_line_error(stderr: str, *names: object) -> str:
+    """A failed run's stderr holds exactly one error line, no traceback, and it names each of `names`."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    # A progress bar may share the line (tqdm redraws with \r): the message starts at "error: ".
+    lines = [line[line.index("error: "):] for line in stderr.splitlines() if "error: " in line]
+    assert len(lines) == 1, stderr[-3000:]
+    for name in names:
+        assert str(name) in lines[0], f"{name} not in: {lines[0]}"
+    return lines[0]
+
+
+@contextmanager
+def within(seconds: float) -> Iterator[None]:
+    """Fail (TimeoutError) if the block runs longer than `seconds`: a hang becomes a failure, not a stuck suite.
+    SIGALRM interrupts blocking system calls too, such as opening a FIFO that has no writer."""
+    def expire(*_: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
