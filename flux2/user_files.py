@@ -59,8 +59,15 @@ def open_regular(path: str | os.PathLike) -> BinaryIO:
 def read_limited(path: str | os.PathLike, limit: int, what: str = "file") -> bytes:
     """The bytes of the regular file `path`, refused (FileTooLarge) when it holds more than `limit` bytes; at most
     limit + 1 bytes are ever read, whatever the file claims."""
+    chunks, size = [], 0
     with open_regular(path) as f:
-        data = f.read(limit + 1)
+        while size <= limit:  # in chunks: read(limit + 1) would allocate the whole limit up front
+            chunk = f.read(min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    data = b"".join(chunks)
     if len(data) > limit:
         raise FileTooLarge(f"{printable(str(path))} is over the {limit:,}-byte limit for {what}; is it the right "
                            "file?")

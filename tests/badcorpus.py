@@ -5,7 +5,7 @@
     dir/images/      a folder source: images + .txt captions (source 0, control_directory dir/controls)
     dir/controls/    controls by stem: `good_photo_0/_1` (two), `gray_0000` (numbered form), others `name.png`
     dir/manifest/    manifest.jsonl (source 1, root = dir/manifest) with a good row, an escape (../outside.png),
-                     a symlink that escapes, and a missing file
+                     a symlink that escapes, a missing file, and a row with two columns for one control
     dir/outside.png  a good image outside the manifest's root
 
 and returns {file name: expected reason code, or None for an item that must be used}. Images are 64-96 px

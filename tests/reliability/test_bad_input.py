@@ -10,8 +10,9 @@ import re
 import resource
 import shutil
 import socket
-import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from flux2.cli import main
 from tests.datasets import copy_pipeline
-from tests.reliability.helpers import leftovers, one_line_error, subprocess_env, within
+from tests.reliability.helpers import leftovers, one_line_error, within
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="FIFOs, /dev/zero and byte file names are Linux's")
 
@@ -42,6 +43,19 @@ def params_text(sources: str, extra: str = "") -> str:
 
 
 # ------------------------------------------------------------------------------------------------ ingest
+
+@contextmanager
+def capped_heap(extra: int) -> Iterator[None]:
+    """RLIMIT_DATA (heap and anonymous maps) at this process's current size plus `extra` bytes, for the block."""
+    now = int(re.search(r"VmData:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (now + extra if hard == resource.RLIM_INFINITY else min(now + extra, hard),
+                                              hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
 
 def write_bad_dataset(folder: Path) -> dict[str, str]:
     """A folder and three manifests, each with good items and the bad ones of this round; returns the expected
@@ -78,17 +92,13 @@ def write_bad_dataset(folder: Path) -> dict[str, str]:
             "m/c1.png": "caption_too_long", "bad.jsonl row 1": "bad_row", "bad.parquet row 1": "control_missing"}
 
 
-def test_bad_files_and_rows_are_listed_skips_and_the_rest_is_ingested(tmp_path):
-    """The ingest stage as DVC runs it, in a subprocess whose heap is capped (3 GB), so that reading /dev/zero
-    whole would fail fast instead of filling the machine; a FIFO would hang it until the timeout."""
+def test_bad_files_and_rows_are_listed_skips_and_the_rest_is_ingested(tmp_path, capsys, monkeypatch):
+    """The ingest stage's main, with its heap capped (1 GB more than now), so that reading /dev/zero whole would
+    fail fast instead of filling the machine, and a time limit that turns a FIFO's hang into a failure."""
     expected = write_bad_dataset(tmp_path)
-
-    def cap_heap() -> None:
-        resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, 3 << 30))
-
-    done = subprocess.run([sys.executable, "-m", "stages.ingest"], cwd=tmp_path, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=60, preexec_fn=cap_heap)
-    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    with within(60), capped_heap(1 << 30):
+        assert main(["ingest", "--params", "params.yaml"]) == 0
     report = json.loads((tmp_path / "reports/ingest.json").read_text(encoding="utf-8"))
     got = {r["path"]: reason for reason, rows in report["rejected"].items() for r in rows}
     assert got == expected, report["rejected"]
@@ -100,7 +110,7 @@ def test_bad_files_and_rows_are_listed_skips_and_the_rest_is_ingested(tmp_path):
     assert "control_path is 3, expected a path" in details["bad.parquet row 1"]
     used = sorted(r["image_path"] for r in pq.read_table(tmp_path / "data/manifest.parquet").to_pylist())
     assert used == ["ds/good0.png", "ds/good1.png", "ds/good2.png", "m/c2.png", "m/j1.png", "m/p1.png"]
-    assert "caf\\xe9.png" in done.stdout  # the printed summary names it too
+    assert "caf\\xe9.png" in capsys.readouterr().out  # the printed summary names it too
 
 
 @pytest.mark.parametrize("case, names", [
