@@ -146,14 +146,15 @@ def read_mapping(path: str | Path, stage: str) -> list[dict[str, Any]]:
         raise CacheError(f"{path} not found; run {stage} (dvc repro {stage})")
     try:
         table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
+        rows, digest = table.to_pylist(), _rows_sha256(table)
+    except (pa.ArrowException, OSError, ValueError, TypeError) as e:  # a flipped bit may break the UTF-8 or a type
         raise CacheCorruptError(f"{path} cannot be read ({' '.join(str(e).split())}); rerun {stage} to rebuild "
                                 "it") from None
     expected = (table.schema.metadata or {}).get(ROWS_SHA_KEY)
-    if expected is not None and expected.decode(errors="replace") != _rows_sha256(table):
+    if expected is not None and expected.decode(errors="replace") != digest:
         raise CacheCorruptError(f"{path} is damaged (its rows do not match their checksum); rerun {stage} to "
                                 "rebuild it")
-    return table.to_pylist()
+    return rows
 
 
 def _rows_sha256(table: pa.Table) -> str:

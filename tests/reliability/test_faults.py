@@ -105,3 +105,27 @@ def test_a_damaged_items_parquet_is_named_and_rebuilt_by_cache_latents(cached_pi
     assert json.loads((folder / "reports/cache_latents.json").read_text())["encoded"] == 0  # only the map is remade
     rebuilt = pq.read_table(items)
     assert rebuilt.to_pylist() == table.to_pylist() and ROWS_SHA_KEY in rebuilt.schema.metadata
+
+
+def test_no_bit_flip_in_a_mapping_file_is_read_as_other_rows(cached_pipeline, tmp_path):
+    """Single-bit flips all over items.parquet (every 31st byte, two bits each): read_mapping returns the rows
+    that were written or a CacheCorruptError naming the file, never other rows (Parquet alone reads ~5% of such
+    flips back as other valid values)."""
+    from flux2.cache_store import CacheCorruptError, read_mapping
+
+    items = cached_pipeline / "cache/latents/items.parquet"
+    data, rows = items.read_bytes(), read_mapping(items, "cache_latents")
+    flipped = tmp_path / "items.parquet"
+    outcomes = {"same": 0, "named": 0}
+    for offset in range(0, len(data), 31):
+        for bit in (0x01, 0x80):
+            damaged = bytearray(data)
+            damaged[offset] ^= bit
+            flipped.write_bytes(bytes(damaged))
+            try:
+                assert read_mapping(flipped, "cache_latents") == rows, f"byte {offset} bit {bit:#x}: other rows"
+                outcomes["same"] += 1
+            except CacheCorruptError as e:
+                assert str(flipped) in str(e) and "rerun cache_latents" in str(e)
+                outcomes["named"] += 1
+    assert outcomes["named"] > outcomes["same"] > 0, outcomes
