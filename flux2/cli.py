@@ -222,6 +222,38 @@ def optional(kind: type):
     return convert
 
 
+class KeyValues(argparse.Action):
+    """`key=value ...` into a dict (musubi-tuner's --network_args / --optimizer_args); each value is read as JSON
+    (8, 5e-5, true, [4, 0]) or a Python literal (True), else kept as text. One JSON object also works."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import ast
+
+        out = {}
+        for item in values:
+            if item.lstrip().startswith("{"):
+                try:
+                    value = json.loads(item)
+                except json.JSONDecodeError as e:
+                    parser.error(f"{option_string}: {item!r} is not a JSON object ({e})")
+                if not isinstance(value, dict):
+                    parser.error(f"{option_string}: {item!r} is not a JSON object")
+                out.update(value)
+                continue
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                parser.error(f"{option_string}: {item!r} is not key=value (e.g. factor=8)")
+            for read in (json.loads, ast.literal_eval):
+                try:
+                    out[key.strip()] = read(raw)
+                    break
+                except (ValueError, SyntaxError):
+                    continue
+            else:
+                out[key.strip()] = raw
+        setattr(namespace, self.dest, out)
+
+
 def add_group_options(p: argparse.ArgumentParser, cls: type, group: str) -> None:
     """One `--field` option per field of a params dataclass (seed names), default: the params.yaml value."""
     import dataclasses
@@ -247,7 +279,10 @@ def add_group_options(p: argparse.ArgumentParser, cls: type, group: str) -> None
             kw["type"] = item if item in (int, float, str) else str
         elif base in (int, float, str):
             kw["type"] = base if base is tp else optional(base)
-        else:  # dicts and unions such as int | list[int]
+        elif typing.get_origin(base) is dict:  # musubi-tuner's `--network_args factor=8 decompose_both=true`
+            kw.update(nargs="*", action=KeyValues)
+            kw["help"] += " (key=value ... or one JSON object)"
+        else:  # unions such as int | list[int]
             kw["type"] = json.loads
             kw["help"] += " (JSON)"
         if base is not bool:

@@ -318,8 +318,10 @@ def test_unknown_and_unsupported_layouts(tmp_path):
     dit = random_dit()
     for tensors, pattern in [
         ({"foo.weight": torch.zeros(2, 2)}, "not a FLUX.2 DiT LoRA in a known layout.*foo.weight"),
-        ({"lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": torch.zeros(2, 2)}, "LoKr.*not support"),
-        ({"lora_unet_double_blocks_0_img_attn_qkv.hada_w1_a": torch.zeros(2, 2)}, "LoHa.*not support"),
+        ({"lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": torch.zeros(2, 2)}, "needs either lokr_w2 or both"),
+        ({"lora_unet_double_blocks_0_img_attn_qkv.hada_w1_a": torch.zeros(2, 2)}, "lacks hada_w1_b.*incomplete"),
+        ({"lora_unet_double_blocks_0_img_attn_qkv.lokr_t2": torch.zeros(2, 2, 3, 3)}, "Tucker.*not support"),
+        ({"lora_unet_img_in.dora_scale": torch.zeros(2, 1)}, "DoRA.*not support"),
         ({"lora_unet_input_blocks_0_proj.lora_down.weight": torch.zeros(2, 2)}, "Stable Diffusion LoRA"),
         ({"lora_unet_double_blocks_0_img_mod_lin.lora_down.weight": torch.zeros(2, 2)}, "FLUX.1 LoRA"),
     ]:
