@@ -57,7 +57,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output_type", choices=["images", "latent", "latent_images"], default="images")
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora_weight", nargs="*", default=[],
-                   help="LoRA file(s): kohya (musubi-tuner), ComfyUI/BFL or diffusers/PEFT layout, detected per file")
+                   help="LoRA file(s): kohya (musubi-tuner), ComfyUI/BFL or diffusers/PEFT layout, detected per file; "
+                        "LyCORIS LoKr / LoHa files too, mixed with LoRAs as you like")
     g.add_argument("--lora_multiplier", type=float, nargs="*", default=[1.0],
                    help="strength per LoRA file (one value for all)")
     g.add_argument("--include_patterns", nargs="*", default=None,
@@ -134,13 +135,14 @@ def run_ingest(args: argparse.Namespace) -> None:
 def add_convert_lora(sub: argparse._SubParsersAction) -> None:
     from flux2.lora_formats import FORMATS
 
-    p = sub.add_parser("convert-lora", help="convert a FLUX.2 LoRA between the kohya, comfy and diffusers layouts",
-                       formatter_class=HelpFormatter)
+    p = sub.add_parser("convert-lora", help="convert a FLUX.2 LoRA between the kohya, comfy and diffusers layouts "
+                       "(LoKr / LoHa: kohya and comfy)", formatter_class=HelpFormatter)
     p.add_argument("--input", required=True, help="LoRA file in any supported layout (detected from its keys)")
     p.add_argument("--output", required=True, help="output .safetensors")
     p.add_argument("--target", required=True, choices=list(FORMATS),
-                   help="kohya: lora_unet_* with alpha (musubi-tuner, ComfyUI, diffusers); comfy: "
-                        "diffusion_model.*.lora_A/B; diffusers: transformer.*.lora_A/B (PEFT)")
+                   help="kohya: lora_unet_* with alpha (musubi-tuner, ComfyUI, diffusers; LyCORIS' lokr_* / hada_* "
+                        "names); comfy: diffusion_model.*.lora_A/B (LoKr: the layout diffusers reads); diffusers: "
+                        "transformer.*.lora_A/B (PEFT, LoRA only)")
     p.set_defaults(func=run_convert_lora)
 
 

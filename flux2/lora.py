@@ -56,7 +56,7 @@ class AdapterModule(nn.Module):
     update, multiplier included, in its own dtype), `weights()` (its canonical file form) and `up_parameters()`
     (the factor that starts at zero, which LoRA+ trains faster)."""
 
-    kind = "lora"
+    kind, label = "lora", "LoRA"
 
     def __init__(self, path: str, in_features: int, out_features: int, alpha: float, multiplier: float = 1.0,
                  rank_dropout: float = 0.0, module_dropout: float = 0.0,
@@ -64,7 +64,7 @@ class AdapterModule(nn.Module):
         super().__init__()
         for name, p in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
             if not 0.0 <= p < 1.0:
-                raise ValueError(f"{self.kind} {name} must be in [0, 1), got {p}")
+                raise ValueError(f"{self.label} {name} must be in [0, 1), got {p}")
         self.path = path
         self.in_features, self.out_features = in_features, out_features
         # The buffer puts `.alpha` into the state_dict (the kohya key); the float is for arithmetic.
@@ -91,14 +91,13 @@ class AdapterModule(nn.Module):
 
     def attach(self, target: nn.Module) -> None:
         """Add this update to `target`'s output (a forward hook; the target is not changed)."""
-        what = {"lora": "LoRA", "lokr": "LoKr", "loha": "LoHa"}[self.kind]
         if not isinstance(target, LINEAR_TYPES):
-            raise ValueError(f"{what} for {self.path}: the DiT module there is a {type(target).__name__}, not a "
+            raise ValueError(f"{self.label} for {self.path}: the DiT module there is a {type(target).__name__}, not a "
                              "Linear")
         shape, ours = (target.out_features, target.in_features), (self.out_features, self.in_features)
         if shape != ours:
-            raise ValueError(f"{what} for {self.path} changes a {ours[0]}x{ours[1]} weight but the DiT's is "
-                             f"{shape[0]}x{shape[1]}: the {what} is for another variant")
+            raise ValueError(f"{self.label} for {self.path} changes a {ours[0]}x{ours[1]} weight but the DiT's is "
+                             f"{shape[0]}x{shape[1]}: the {self.label} is for another variant")
         self.remove()
         self._hook = target.register_forward_hook(self._add_update)
 
@@ -158,10 +157,6 @@ class LoRAModule(AdapterModule):
 
     def up_parameters(self) -> list[nn.Parameter]:
         return [self.lora_up.weight]
-
-    def weight_delta(self) -> Tensor:
-        """scale * up @ down in float32 (multiplier not applied): the change to the Linear's weight."""
-        return self.scale * (self.lora_up.weight.float() @ self.lora_down.weight.float())
 
 
 def linear_modules(dit: nn.Module) -> dict[str, nn.Module]:

@@ -75,7 +75,7 @@ def _dropped(update: Tensor, scale: float, p: float, training: bool) -> Tensor:
 class LoKrModule(AdapterModule):
     """The LoKr update of one Linear: out += multiplier * scale * x @ kron(w1, w2)^T."""
 
-    kind = "lokr"
+    kind, label = "lokr", "LoKr"
 
     def __init__(self, path: str, in_features: int, out_features: int, rank: int, alpha: float, factor: int = -1,
                  decompose_both: bool = False, full_matrix: bool = False, multiplier: float = 1.0,
@@ -146,7 +146,7 @@ class LoKrModule(AdapterModule):
 class LoHaModule(AdapterModule):
     """The LoHa update of one Linear: out += multiplier * (alpha / rank) * x @ ((w1_a @ w1_b) * (w2_a @ w2_b))^T."""
 
-    kind = "loha"
+    kind, label = "loha", "LoHa"
 
     def __init__(self, path: str, in_features: int, out_features: int, rank: int, alpha: float,
                  multiplier: float = 1.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,

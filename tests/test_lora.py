@@ -105,13 +105,19 @@ def test_new_network_is_identity_and_trainable():
     assert not any(p.grad is not None for p in dit.parameters() if not p.requires_grad)
 
 
-def test_dropouts_only_in_training():
+@pytest.mark.parametrize("kind", ["lora", "lokr", "loha"])
+def test_dropouts_only_in_training(kind):
+    from flux2.lycoris import LoHaModule, LoKrModule
+
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 8, bias=False)
     x = torch.randn(4, 5, 16)
     plain = base(x).detach()
-    lora = LoRAModule("img_in", 16, 8, rank=4, alpha=4.0, dropout=0.3, rank_dropout=0.5, module_dropout=0.5)
-    torch.nn.init.normal_(lora.lora_up.weight)
+    dropouts = dict(rank_dropout=0.5, module_dropout=0.5)
+    lora = {"lora": lambda: LoRAModule("img_in", 16, 8, rank=4, alpha=4.0, dropout=0.3, **dropouts),
+            "lokr": lambda: LoKrModule("img_in", 16, 8, rank=1, alpha=1.0, **dropouts),
+            "loha": lambda: LoHaModule("img_in", 16, 8, rank=2, alpha=2.0, **dropouts)}[kind]()
+    torch.nn.init.normal_(lora.up_parameters()[0])  # non-zero, so the update shows (LoKr/LoHa: output channels)
     lora.attach(base)
     lora.eval()
     full = base(x).detach()

@@ -115,6 +115,20 @@ def test_evaluate_and_compare_treat_them_like_any_lora(adapters):
     assert "eval_val_loss_lora" in loaded[1].metrics
 
 
+def test_adapter_settings_are_in_the_run_fingerprint():
+    import dataclasses
+
+    from flux2.params import parse_params
+    from flux2.train import run_fingerprint
+
+    base = parse_params({"dataset": {"toml": "x"}})
+    prints = {run_fingerprint(dataclasses.replace(base, train=dataclasses.replace(base.train, **change)), "sha",
+                              {}, {}, 1)
+              for change in ({}, {"network_type": "lokr"}, {"network_args": {"double_dim": 4}},
+                             {"loraplus_lr_ratio": 4.0}, {"network_module": "networks.loha"})}
+    assert len(prints) == 5
+
+
 @pytest.mark.parametrize("extra,message", [
     (("--network_type", "lycoris"), "train.network_type: 'lycoris' is not one of lora, lokr, loha"),
     (("--network_module", "networks.lora_wan"), "train.network_module: 'networks.lora_wan' is not one of"),
