@@ -28,7 +28,7 @@ def adapter(pipeline: Path, name: str = "lora") -> dict[str, torch.Tensor]:
     return load_file(pipeline / "outputs" / "lora" / f"{name}.safetensors")
 
 
-def test_lokr_by_the_peers_names_resumes_bit_exact_and_is_logged(pipeline, tmp_path):
+def test_lokr_by_the_peers_names_resumes_bit_exact_is_logged_and_warm_starts(pipeline, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     other = copy_pipeline(pipeline, tmp_path / "other")
@@ -45,6 +45,17 @@ def test_lokr_by_the_peers_names_resumes_bit_exact_and_is_logged(pipeline, tmp_p
     assert run.data.params["network.type"] == "lokr" and run.data.params["train.network_module"] == "lycoris.kohya"
     assert run.data.params["train.loraplus_lr_ratio"] == "4.0"
     assert int(run.data.params["network.parameters"]) == sum(t.numel() for k, t in a.items() if "alpha" not in k)
+
+    # A warm start from the LoKr file (train.network_weights) begins at its weights; a LoRA run refuses it.
+    start = tmp_path / "lokr.safetensors"
+    start.write_bytes((pipeline / "outputs" / "lora" / "lora.safetensors").read_bytes())
+    frozen = ("--optimizer_type", "torch.optim.SGD", "--learning_rate", "0", "--max_train_steps", "1",
+              "--save_every_n_steps", "0", "--network_weights", str(start))
+    train(other, "--network_type", "lokr", *frozen)
+    warm = adapter(other)
+    assert warm.keys() == a.keys() and all(torch.equal(warm[k], a[k]) for k in a)
+    assert main(["train", "--params", str(other / "params.yaml"), *frozen]) == 2
+    assert "holds lokr modules but this run trains lora" in capsys.readouterr().err
 
 
 def test_loraplus_and_per_block_rates_and_ranks_scale_the_first_step(pipeline, tmp_path):
