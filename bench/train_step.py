@@ -6,7 +6,8 @@ product's fused AdamW and device-side skip, `flux2.train.optimizer_step`; diffus
 its training scripts use), gradient clipping at 1.0, the same inputs. A row is an implementation and its levers:
 
     flux2                     the product's defaults (train.compile auto: compiled on CUDA, eager on a CPU)
-    flux2+eager / +compile    train.compile false / true (regional: one compiled forward per block kind)
+    flux2+eager / +compile    train.compile false / true (regional: one compiled forward per block kind, the
+                              checkpoint inside it)
     flux2+gc=N / +nogc        train.gradient_checkpointing_blocks N / gradient checkpointing off
     flux2+fp8                 model.fp8_matmul (fp8 products; on a CPU for correctness only, it has no fp8 units)
     flux2+fp8w                model.fp8_scaled (fp8 weights, dequantised per call: today's weight-only mode)
@@ -49,8 +50,9 @@ sys.path.insert(0, str(ROOT))
 SMALL = dict(hidden_size=256, num_heads=4, axes_dim=(16, 16, 16, 16), depth=2, depth_single_blocks=4,
              context_in_dim=384)
 DRY = dict(hidden_size=64, num_heads=2, axes_dim=(8, 8, 8, 8), depth=1, depth_single_blocks=1, context_in_dim=96)
-DEFAULT_ROWS = ["flux2", "flux2+compile", "flux2+compile+gc=3", "flux2+nogc", "flux2+compile+nogc",
-                "flux2+fp8", "diffusers", "diffusers+compile"]
+DEFAULT_ROWS = ["flux2", "flux2+compile", "flux2+compile+gc=5", "flux2+compile+gc=4", "flux2+compile+gc=3",
+                "flux2+nogc", "flux2+compile+nogc", "flux2+sac=attn", "flux2+attn=math", "flux2+fp8", "flux2+fp8w",
+                "diffusers", "diffusers+compile"]
 DIFFUSERS_TARGETS = (r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
                      r"to_add_out)|ff\.linear_in|ff\.linear_out|ff_context\.linear_in|ff_context\.linear_out)"
                      r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))")
@@ -356,7 +358,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rows", nargs="*", default=DEFAULT_ROWS)
     ap.add_argument("--one", default=None, help="run only this row (one process per row: clean peak memory)")
     ap.add_argument("--reference", default="diffusers+compile", help="the row the ratios are relative to")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per row and round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per row first (compiles happen here)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")

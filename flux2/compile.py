@@ -5,8 +5,9 @@ to every block of that kind, so dynamo traces each kind once and every block reu
 share one cache of compiled graphs; a new graph appears only where inputs differ in kind: in training the first
 double block's inputs need no gradient, the others' do, so double blocks hold two graphs and single blocks one).
 The LoRA forward hooks on the Linears inside a block are traced into the block's graph; hooks on the block itself
-(block swap) and gradient checkpointing wrap the compiled forward from outside, in eager code, so both keep
-working. A new bucket shape compiles once more (dynamo then marks the changed sizes dynamic); steps of one shape
+(block swap, FSDP) stay outside, in eager code. Gradient checkpointing runs inside the graph (the compiler plans
+the recompute) unless the block has such hooks: then the checkpoint wraps the compiled forward from outside, so
+the hooks run again for the recompute. A new bucket shape compiles once more (dynamo then marks the changed sizes dynamic); steps of one shape
 never recompile (tests/test_compile.py counts it).
 
 `compile_blocks` first compiles and runs a tiny function with the same backend: when the compiler is missing or
@@ -23,6 +24,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger("flux2.compile")
 RECOMPILE_LIMIT = 32
@@ -69,30 +71,45 @@ def _name(backend_name) -> str:
 
 
 class CompiledForward:
-    """One kind of block's compiled forward, shared by all blocks of that kind; eager again after a failure."""
+    """One kind of block's compiled forward, shared by all blocks of that kind; eager again after a failure.
+
+    Two compiled functions: the forward itself, and the forward inside a checkpoint, for the blocks the model
+    checkpoints (`in_graph_checkpoint` True, set by Flux2Transformer._run): then the compiler sees the recompute
+    and plans it with the backward, which is faster than running the compiled forward again (docs/performance.md)
+    and keeps the same memory (only the block's inputs are saved)."""
 
     def __init__(self, cls: type, backend_name: str | Callable):
         self.cls = cls
         self.eager = cls.forward
-        # Every block of the kind shares this code's cache; allow room for train, eval and a few bucket shapes.
+        # Every block of the kind shares these codes' caches; room for train, eval and a few bucket shapes.
         self.compiled = torch.compile(cls.forward, backend=backend_name, recompile_limit=RECOMPILE_LIMIT)
+        self.compiled_checkpointed = torch.compile(self.checkpointed, backend=backend_name,
+                                                   recompile_limit=RECOMPILE_LIMIT)
         self.failed: str | None = None
 
-    def __call__(self, block: nn.Module, *args, **kwargs):
+    def checkpointed(self, block: nn.Module, *args):
+        return checkpoint(self.eager, block, *args, use_reentrant=False)
+
+    def __call__(self, block: nn.Module, *args):
+        recompute = getattr(block, "in_graph_checkpoint", False) and torch.is_grad_enabled()
         if self.failed is None:
             try:
-                return self.compiled(block, *args, **kwargs)
+                return (self.compiled_checkpointed if recompute else self.compiled)(block, *args)
             except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError) as e:
                 self.failed = reason(e)
                 message = f"compiling {self.cls.__name__} failed ({self.failed}); running it eager"
                 log.warning(message)
                 print(f"warning: {message}")
-        return self.eager(block, *args, **kwargs)
+        return self.checkpointed(block, *args) if recompute else self.eager(block, *args)
 
 
 def compile_blocks(dit: nn.Module, backend_name: str | Callable | None = None) -> bool:
     """Compile the double and single blocks of a Flux2Transformer in place (one compiled forward per kind).
-    Returns False, after printing why, when the compiler does not work here (the model stays eager)."""
+    Returns False, after printing why, when the compiler does not work here (the model stays eager).
+
+    Call it after block swap or FSDP are set up: a block with forward hooks of its own is checkpointed outside
+    its graph, so that its hooks run again for the recompute (block swap fetches the weights again, FSDP gathers
+    them); the others checkpoint inside it."""
     backend_name = backend_name or backend()
     problem = compiler_problem(backend_name)
     if problem is not None:
@@ -106,6 +123,8 @@ def compile_blocks(dit: nn.Module, backend_name: str | Callable | None = None) -
             forward = CompiledForward(type(blocks[0]), backend_name)
             for block in blocks:
                 block.forward = types.MethodType(forward, block)
+                if not (block._forward_pre_hooks or block._forward_hooks):
+                    block.in_graph_checkpoint = False  # may checkpoint in its graph; _run says when
     return True
 
 
@@ -113,6 +132,7 @@ def uncompile_blocks(dit: nn.Module) -> None:
     """Undo compile_blocks: every block runs its class's eager forward again."""
     for block in [*dit.double_blocks, *dit.single_blocks]:
         block.__dict__.pop("forward", None)
+        block.__dict__.pop("in_graph_checkpoint", None)
 
 
 def is_compiled(dit: nn.Module) -> bool:

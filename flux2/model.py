@@ -297,8 +297,13 @@ class Flux2Transformer(nn.Module):
 
     def _run(self, index: int, block: nn.Module, *args):
         """Block `index` (in execution order), checkpointed when asked: it keeps only its inputs for backward and
-        runs its forward again there."""
-        if (self.gradient_checkpointing and torch.is_grad_enabled()
-                and (self.checkpoint_blocks is None or index < self.checkpoint_blocks)):
+        runs its forward again there. A compiled block (flux2.compile) that can checkpoint inside its graph is told
+        to, through its `in_graph_checkpoint`."""
+        recompute = (self.gradient_checkpointing and torch.is_grad_enabled()
+                     and (self.checkpoint_blocks is None or index < self.checkpoint_blocks))
+        if hasattr(block, "in_graph_checkpoint"):
+            block.in_graph_checkpoint = recompute
+            return block(*args)
+        if recompute:
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)

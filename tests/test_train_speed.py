@@ -111,3 +111,28 @@ def test_speed_options_are_validated_naming_the_key():
     with pytest.raises(ParamsError, match=r"train.gradient_checkpointing_blocks: 5 is outside 0..4 \(the tiny DiT"):
         parse_params(minimal({"gradient_checkpointing_blocks": 5}))
     assert parse_params(minimal({"gradient_checkpointing_blocks": 2})).train.gradient_checkpointing_blocks == 2
+
+
+def test_an_attention_backend_gives_the_same_outputs_and_gradients():
+    """model.attention_backend picks one SDPA kernel for every block (on a CPU: flash or math); tolerance rel 1e-5
+    (float32), with gradient checkpointing, so the recompute uses the same kernel."""
+    variant = VARIANTS["tiny"]
+    g = torch.Generator().manual_seed(2)
+    x, ctx = torch.randn(1, 16, 128, generator=g), torch.randn(1, 8, variant.context_in_dim, generator=g)
+    args = (x, sampling.latent_ids(1, 4, 4), torch.rand(1, generator=g), ctx, sampling.text_ids(1, 8))
+    results = {}
+    for backend in ("auto", "math", "flash"):
+        torch.manual_seed(0)
+        model = Flux2Transformer(variant).train()
+        model.gradient_checkpointing = True
+        model.set_attention_backend(backend)
+        out = model(*args)
+        out.square().mean().backward()
+        results[backend] = out.detach(), model.single_blocks[0].linear1.weight.grad
+    for backend in ("math", "flash"):
+        for a, b in zip(results[backend], results["auto"]):
+            assert ((a - b).norm() / b.norm()) < 1e-5
+    with pytest.raises(ValueError, match="model.attention_backend: 'fast' is not one of auto, flash, cudnn"):
+        model.set_attention_backend("fast")
+    with pytest.raises(ParamsError, match="model.attention_backend: 'fast' is not one of"):
+        parse_params({**minimal({}), "model": {"attention_backend": "fast"}})
