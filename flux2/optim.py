@@ -113,6 +113,9 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optimizer_type: str, l
     keyword args (`optimizer_args`)."""
     cls = optimizer_class(optimizer_type)
     args = optimizer_kwargs(cls, optimizer_type, dict(optimizer_args or {}))
+    if optimizer_type.lower() == "adamw" and "foreach" not in args:
+        # Fused: one kernel for all tensors, and it can skip a non-finite step on the device (train.py).
+        args.setdefault("fused", True)
     if optimizer_type.lower() == "adafactor":
         # A fixed learning rate unless asked otherwise: relative_step would ignore train.learning_rate.
         args.setdefault("relative_step", False)
