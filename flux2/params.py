@@ -53,6 +53,16 @@ class SourceParams:
     num_repeats: int = 1
     enable_bucket: bool = True
     bucket_no_upscale: bool = False
+    batch_size: int | None = None  # items per batch from this source (null: train.batch_size)
+    # Reference (control) images: by default brought to their item's bucket. no_resize_control: kept at their own
+    # size (floored to multiples of 16); control_resolution: the nearest-aspect bucket at that area; both: that
+    # area is a maximum (musubi-tuner's rules; official FLUX.2 editing: no_resize_control + [2024, 2024]).
+    no_resize_control: bool = False
+    control_resolution: int | list[int] | None = None
+    # Masked loss: a mask per image (white = learn, black = ignore), from `<stem>.*` in mask_directory or from the
+    # image's own alpha channel (alpha_mask); the loss is weighted by it (train.masked_loss).
+    mask_directory: str | None = None
+    alpha_mask: bool = False
 
 
 @dataclass
@@ -87,6 +97,7 @@ class TrainParams:
     module_dropout: float = 0.0
     include_patterns: list[str] = field(default_factory=list)
     exclude_patterns: list[str] = field(default_factory=list)
+    network_module: str = "networks.lora_flux_2"  # musubi-tuner's module name for the FLUX.2 LoRA
     optimizer_type: str = "adamw"  # adamw | adamw8bit | adafactor | module.Class
     optimizer_args: dict[str, Any] = field(default_factory=dict)
     learning_rate: float = 1e-4
@@ -101,7 +112,7 @@ class TrainParams:
     gradient_checkpointing: bool = True
     fsdp: bool = False  # shard the frozen DiT over the processes (accelerate launch), e.g. dev on 80 GB cards
     max_train_steps: int | None = 1000
-    max_train_epochs: int | None = None
+    max_train_epochs: int | None = None  # when set, it decides the run length instead of max_train_steps
     seed: int = 42
     timestep_sampling: str = "flux2_shift"  # flux2_shift | sigmoid | uniform | shift | logit_normal
     discrete_flow_shift: float = 1.0
@@ -111,9 +122,11 @@ class TrainParams:
     weighting_scheme: str = "none"  # none | sigma_sqrt | cosmap
     guidance: float = 1.0  # dev's embedded guidance input during training
     caption_dropout_rate: float = 0.0
+    masked_loss: bool = True  # weight the loss by the dataset's masks where it has them (false: ignore masks)
     sample_prompts: str | None = None
     sample_every_n_steps: int = 0
     save_every_n_steps: int = 100
+    save_every_n_epochs: int = 0  # also save the LoRA every N epochs (0: off)
     max_bad_steps: int = 10
     log_every_n_steps: int = 1
 
@@ -131,6 +144,7 @@ class ConceptParams:
 @dataclass
 class EvalParams:
     holdout_fraction: float = 0.1
+    holdout_min_items: int = 20  # a dataset of fewer distinct images holds none out (validation on training items)
     prompts: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     timesteps: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
@@ -170,6 +184,7 @@ CHOICES = {
                            "polynomial"],
     "train.timestep_sampling": ["flux2_shift", "sigmoid", "uniform", "shift", "logit_normal"],
     "train.weighting_scheme": ["none", "sigma_sqrt", "cosmap"],
+    "train.network_module": ["networks.lora_flux_2"],
 }
 
 
@@ -292,6 +307,10 @@ def check_semantics(p: Params) -> None:
                        ("train.max_bad_steps", t.max_bad_steps)):
         if value < 1:
             raise ParamsError(f"{key}: must be at least 1, got {value}")
+    for key, value in (("train.save_every_n_epochs", t.save_every_n_epochs),
+                       ("eval.holdout_min_items", p.eval.holdout_min_items)):
+        if value < 0:
+            raise ParamsError(f"{key}: must be at least 0, got {value}")
     if t.max_train_steps is None and t.max_train_epochs is None:
         raise ParamsError("train.max_train_steps: set it or train.max_train_epochs")
     for key, value in (("train.caption_dropout_rate", t.caption_dropout_rate),
@@ -309,11 +328,18 @@ def check_semantics(p: Params) -> None:
         if len(given) != 1:
             raise ParamsError(f"{key}: give exactly one of image_directory, manifest, image_jsonl_file "
                               f"(got {', '.join(given) or 'none'})")
-        res = [s.resolution] if isinstance(s.resolution, int) else s.resolution
-        if len(res) not in (1, 2) or any(r < 16 for r in res):
-            raise ParamsError(f"{key}.resolution: an int or [width, height], each at least 16, got {s.resolution}")
+        for name in ("resolution", "control_resolution"):
+            value = getattr(s, name)
+            res = [value] if isinstance(value, int) else value
+            if res is not None and (len(res) not in (1, 2) or any(r < 16 for r in res)):
+                raise ParamsError(f"{key}.{name}: an int or [width, height], each at least 16, got {value}")
         if s.num_repeats < 1:
             raise ParamsError(f"{key}.num_repeats: must be at least 1, got {s.num_repeats}")
+        if s.batch_size is not None and s.batch_size < 1:
+            raise ParamsError(f"{key}.batch_size: must be at least 1 (or null for train.batch_size), got "
+                              f"{s.batch_size}")
+        if s.mask_directory and s.alpha_mask:
+            raise ParamsError(f"{key}.alpha_mask: give mask_directory or alpha_mask, not both")
     if not p.dataset.sources and not p.dataset.toml:
         raise ParamsError("dataset.sources: empty; list at least one source or set dataset.toml")
 

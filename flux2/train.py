@@ -28,7 +28,7 @@ from flux2.atomic import atomic_write_json, atomic_write_text, remove_temporarie
 from flux2.checkpoint import TrainState, list_checkpoints, load_latest_checkpoint, save_checkpoint
 from flux2.optim import build_optimizer, lr_factor
 from flux2.params import Params, to_flat_dict
-from flux2.train_data import Batch, TrainData, mix_seed
+from flux2.train_data import Batch, TrainData, mix_seed, model_fingerprints
 from flux2.variants import Variant, get_variant
 
 log = logging.getLogger("flux2.train")
@@ -69,8 +69,8 @@ def git_commit(root: Path) -> str:
 def run_fingerprint(p: Params, manifest_sha: str, latents_meta: dict, text_meta: dict, world_size: int) -> str:
     """What decides the trained weights; checkpoints from a run with another fingerprint are not resumed."""
     t = asdict(p.train)
-    for k in ("sample_prompts", "sample_every_n_steps", "save_every_n_steps", "log_every_n_steps", "output_dir",
-              "output_name", "checkpoint_dir", "max_bad_steps"):
+    for k in ("sample_prompts", "sample_every_n_steps", "save_every_n_steps", "save_every_n_epochs",
+              "log_every_n_steps", "output_dir", "output_name", "checkpoint_dir", "max_bad_steps"):
         t.pop(k)
     if p.train.lr_scheduler in ("constant", "constant_with_warmup"):
         # The run length changes nothing already trained: a longer run continues from the last checkpoint.
@@ -97,16 +97,19 @@ def flux_loss(dit: torch.nn.Module, batch: Batch, variant: Variant, p: Params, d
     t = timesteps.sample_timesteps(t_cfg.timestep_sampling, batch.normal, batch.uniform, h * w,
                                    t_cfg.sigmoid_scale, t_cfg.discrete_flow_shift, t_cfg.logit_mean,
                                    t_cfg.logit_std).to(device)
+    mask = batch.masks.to(device) if batch.masks is not None else None
     per_sample = velocity_loss(dit, x0, noise, t, batch.ctx.to(device), [c.to(device) for c in batch.controls],
-                               variant, t_cfg.guidance)
+                               variant, t_cfg.guidance, mask)
     return (per_sample * timesteps.loss_weights(t_cfg.weighting_scheme, t)).mean()
 
 
 def velocity_loss(dit: torch.nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
-                  controls: list[torch.Tensor], variant: Variant, guidance: float = 1.0) -> torch.Tensor:
-    """Unweighted flow-matching MSE per sample (B,): the DiT's velocity at x_t = (1 - t) x0 + t noise against
-    noise - x0. Reference latents (`controls`, one (B, 128, h_k, w_k) tensor each) join as extra tokens whose
-    predictions are dropped. Shared by training and the evaluate stage's validation loss."""
+                  controls: list[torch.Tensor], variant: Variant, guidance: float = 1.0,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Flow-matching MSE per sample (B,): the DiT's velocity at x_t = (1 - t) x0 + t noise against noise - x0.
+    Reference latents (`controls`, one (B, 128, h_k, w_k) tensor each) join as extra tokens whose predictions
+    are dropped. `mask` (B, 1, h, w) weighs each latent token's error (masked loss: the mean of the weighted
+    errors, as kohya's sd-scripts); None weighs all alike. Shared by training and the validation loss."""
     b, _, h, w = x0.shape
     device = x0.device
     xt, target = timesteps.noisy_latents(x0, noise, t)
@@ -116,7 +119,10 @@ def velocity_loss(dit: torch.nn.Module, x0: torch.Tensor, noise: torch.Tensor, t
         x, x_ids = torch.cat((x, ref_tokens), dim=1), torch.cat((x_ids, ref_ids), dim=1)
     guidance_vec = torch.full((b,), guidance, device=device) if variant.use_guidance_embed else None
     pred = dit(x, x_ids, t, ctx, sampling.text_ids(b, ctx.shape[1], device=device), guidance_vec)[:, : h * w]
-    return (pred.float() - sampling.pack(target)).square().mean(dim=(1, 2))
+    error = (pred.float() - sampling.pack(target)).square()
+    if mask is not None:
+        error = error * sampling.pack(mask.float())
+    return error.mean(dim=(1, 2))
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
@@ -134,9 +140,10 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
 
 
 def total_steps(p: Params, data: TrainData) -> int:
-    if p.train.max_train_steps is not None:
-        return p.train.max_train_steps
-    return p.train.max_train_epochs * data.batches_per_epoch
+    """train.max_train_epochs, when set, decides the run length (as in musubi-tuner); else max_train_steps."""
+    if p.train.max_train_epochs is not None:
+        return p.train.max_train_epochs * data.batches_per_epoch
+    return p.train.max_train_steps
 
 
 @dataclass
@@ -222,7 +229,8 @@ def setup(p: Params, base: Path) -> Training:
 
     manifest = base / p.dataset.manifest
     data = TrainData(manifest, base / p.cache.latents_dir, base / p.cache.text_dir, variant, t_cfg.batch_size,
-                     world, t_cfg.seed, t_cfg.caption_dropout_rate, t_cfg.gradient_accumulation_steps)
+                     world, t_cfg.seed, t_cfg.caption_dropout_rate, t_cfg.gradient_accumulation_steps,
+                     *model_fingerprints(p.model, base), masked_loss=t_cfg.masked_loss)
     fingerprint = run_fingerprint(p, sha256_file(manifest), data.latents.meta, data.text.meta, world)
     steps_total = total_steps(p, data)
 
@@ -306,10 +314,11 @@ def train_step(tr: Training, prog: Progress) -> None:
     for group in tr.optimizer.param_groups:
         group["lr"] = lr
     prog.lr = lr
-    loss_sum = 0.0
+    loss_sum, items = 0.0, 0
     for micro in range(t_cfg.gradient_accumulation_steps):
         torch.manual_seed(mix_seed(t_cfg.seed, step, micro, tr.rank, 7919))  # LoRA dropouts
         batch = tr.data.micro_batch(step, micro, tr.rank)
+        items += len(batch.ids) * tr.world
         with torch.autocast(tr.device.type, dtype=torch.bfloat16, enabled=t_cfg.mixed_precision == "bf16"):
             loss = flux_loss(tr.dit, batch, tr.variant, p, tr.device)
         (loss / t_cfg.gradient_accumulation_steps).backward()
@@ -341,7 +350,7 @@ def train_step(tr: Training, prog: Progress) -> None:
     elapsed = time.perf_counter() - start
     if tr.main:
         metrics = {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed,
-                   "samples_per_s": tr.data.global_batch / elapsed, "peak_memory_gib": peak_memory_gib(tr.device)}
+                   "samples_per_s": items / elapsed, "peak_memory_gib": peak_memory_gib(tr.device)}
         prog.history.append((state.step, loss_sum, lr))
         if state.step % t_cfg.log_every_n_steps == 0:
             prog.run.log_metrics(metrics, state.step)

@@ -47,6 +47,7 @@ dataset:
       resolution: {resolution}{control}
 eval:
   holdout_fraction: 0.25
+  holdout_min_items: 0
   prompts: ["a red circle on a blue background", "a green square on a yellow background"]
   image_size: [{resolution}, {resolution}]
 train:
