@@ -132,7 +132,8 @@ def add_ingest(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="check and decode every dataset item once; write the manifest and a report",
                        formatter_class=HelpFormatter, argument_default=argparse.SUPPRESS)  # unset: from params
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--params", help="params.yaml: its dataset group and eval.holdout_fraction")
+    source.add_argument("--params", help="params.yaml: its dataset group, eval.holdout_fraction and "
+                                         "eval.holdout_min_items")
     source.add_argument("--dataset_config", help="a musubi-tuner dataset TOML alone (defaults for the rest)")
     p.add_argument("--out", help="manifest path (default: dataset.manifest, data/manifest.parquet)")
     p.add_argument("--report", help="report path (default: dataset.report, reports/ingest.json)")

@@ -163,6 +163,7 @@ def ingest(dataset: DatasetParams, holdout_fraction: float = 0.1, base: str | Pa
     items: list[Item] = []
     rejected: list[Rejection] = []
     first_of: dict[tuple, str] = {}  # (sha256, bucket) -> image_path of the item that was kept
+    seen: set[str] = set()  # sha256 of every image kept
     for entry in tqdm(entries, desc="ingest", unit="item", disable=not progress, dynamic_ncols=True):
         name = _entry_name(entry, base)
         try:
@@ -171,7 +172,7 @@ def ingest(dataset: DatasetParams, holdout_fraction: float = 0.1, base: str | Pa
             if (item.sha256, bucket) in first_of:
                 raise Rejected("duplicate", f"same image as {first_of[item.sha256, bucket]} at the same bucket "
                                             f"{bucket[0]}x{bucket[1]}")
-            if any(sha == item.sha256 for sha, _ in first_of):  # the same image at a further resolution
+            if item.sha256 in seen:  # the same image at a further resolution
                 item.id = f"{item.id}-{bucket[0]}x{bucket[1]}"
         except Rejected as r:
             if dataset.on_error == "fail":
@@ -181,6 +182,7 @@ def ingest(dataset: DatasetParams, holdout_fraction: float = 0.1, base: str | Pa
             rejected.append(Rejection(name, r.reason, r.detail))
             continue
         first_of[item.sha256, bucket] = item.image_path
+        seen.add(item.sha256)
         items.append(item)
 
     items.sort(key=lambda i: (i.source, i.image_path))

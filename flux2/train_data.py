@@ -4,9 +4,10 @@ Items (manifest rows of the train split, repeated `num_repeats` times) are group
 `batch_size`, else train.batch_size) and shape: bucket size and the shapes of their control latents, so a batch
 stacks. Each epoch's order is a permutation drawn from (seed, epoch). One optimizer step consumes a global batch
 of `batch_size * world_size * accumulation` items of one group; each process takes its slice of each of its
-micro-batches. Items with a loss mask carry it (1, h, w) into the batch; the others weigh 1 everywhere. Noise, timesteps and caption dropout of a sample are drawn
-from a generator seeded by (seed, step, position in the global batch), so a resumed run, a multi-process run and
-a run with gradient accumulation see exactly what an uninterrupted single-process run with the whole batch sees.
+micro-batches. Items with a loss mask carry it (1, h, w) into the batch; the others weigh 1 everywhere. Noise,
+timesteps and caption dropout of a sample are drawn from a generator seeded by (seed, step, position in the
+global batch), so a resumed run, a multi-process run and a run with gradient accumulation see exactly what an
+uninterrupted single-process run with the whole batch sees.
 """
 from __future__ import annotations
 
