@@ -16,17 +16,13 @@ from flux2.cache_latents import ae_fingerprint, latent_key, read_item_map
 from flux2.cache_store import CacheReader
 from flux2.cli import main
 from flux2.ingest import read_manifest
+from tests.badcorpus import noise
 from tests.datasets import write_params
 
 REPO = Path(__file__).resolve().parents[1]
 # The embedded default's trained tiny base model: it draws shapes, so what a LoRA learns on top is visible.
 EMBEDDED = {"dit": REPO / "assets/tiny/dit.safetensors", "vae": REPO / "assets/tiny/ae.safetensors",
             "text_encoder": REPO / "assets/tiny/text_encoder"}
-
-
-def noise(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
 
 
 def project(folder: Path, model: dict, sources: str) -> Path:
