@@ -163,6 +163,9 @@ def test_seed_commands_run_as_written_through_flux2_and_through_the_stages(tmp_p
     per_epoch = batches_per_epoch(tmp_path / "data/manifest.parquet", 8)  # the TOML's batch_size, honoured
     assert summary["steps"] == 16 * per_epoch
     lora = tmp_path / "out/name-of-lora.safetensors"
+    # --save_every_n_epochs 1: a LoRA after every epoch but the last, named as musubi-tuner names them.
+    assert sorted(p.name for p in (tmp_path / "out").glob("name-of-lora-*.safetensors")) == [
+        f"name-of-lora-{e:06d}.safetensors" for e in range(1, 16)]
     with safe_open(str(lora), "pt") as f:
         down = [k for k in f.keys() if k.endswith("lora_down.weight")]
         assert f.get_slice(down[0]).get_shape()[0] == 32  # --network_dim 32
