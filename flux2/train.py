@@ -19,7 +19,7 @@ import resource
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -182,6 +182,7 @@ class Training:
     warning: str | None
     warm_start: WarmStart | None = None  # the LoRA file the run started from (train.network_weights)
     ema: EMA | None = None  # the EMA of the LoRA weights (train.ema_decay)
+    param_groups: list[dict] = field(default_factory=list)  # per-block rates and LoRA+ (lora.param_groups)
 
 
 @dataclass
@@ -224,7 +225,8 @@ def setup(p: Params, base: Path) -> Training:
     from accelerate import PartialState
 
     from flux2.loading import load_dit, resolve_device, resolve_dtype
-    from flux2.lora import create_network
+    from flux2.lora import create_network, param_groups
+    from flux2.network_config import network_options
 
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
@@ -267,9 +269,10 @@ def setup(p: Params, base: Path) -> Training:
 
         enable_block_swap(dit, p.model.blocks_to_swap, device)
     torch.manual_seed(t_cfg.seed)  # the LoRA's initial weights
+    options = network_options(t_cfg, variant)
     network = create_network(dit, t_cfg.network_dim, t_cfg.network_alpha, t_cfg.include_patterns,
                              t_cfg.exclude_patterns, t_cfg.network_dropout, t_cfg.rank_dropout,
-                             t_cfg.module_dropout).to(device)
+                             t_cfg.module_dropout, options=options).to(device)
     if warm is not None:
         from flux2.warm_start import load_network_weights
 
@@ -279,15 +282,18 @@ def setup(p: Params, base: Path) -> Training:
             print(f"starting from {warm.describe()}; {fresh} module(s) it lacks start fresh")
     network.apply_to(dit)
     params = [q for q in network.parameters() if q.requires_grad]
-    optimizer = build_optimizer(params, t_cfg.optimizer_type, t_cfg.learning_rate, t_cfg.optimizer_args)
+    groups = param_groups(network, t_cfg.learning_rate, options)
+    optimizer = build_optimizer(groups, t_cfg.optimizer_type, t_cfg.learning_rate, t_cfg.optimizer_args)
     ema = EMA(network, t_cfg.ema_decay) if t_cfg.ema_decay else None
     if main:
-        print(f"training {len(network.lora_modules)} LoRA modules (rank {t_cfg.network_dim}, alpha "
-              f"{t_cfg.network_alpha:g}, scale {t_cfg.network_alpha / t_cfg.network_dim:g}) on {len(data.items)} "
-              f"items, {steps_total} steps ({steps_total / data.batches_per_epoch:g} epochs), {world} process(es), "
+        print(f"training {len(network.lora_modules)} {options.network_type} modules, "
+              f"{sum(q.numel() for q in params):,} parameters (rank {t_cfg.network_dim}, alpha "
+              f"{t_cfg.network_alpha:g}, scale {t_cfg.network_alpha / t_cfg.network_dim:g}"
+              f"{f', {len(groups)} learning rates' if len(groups) > 1 else ''}) on {len(data.items)} items, "
+              f"{steps_total} steps ({steps_total / data.batches_per_epoch:g} epochs), {world} process(es), "
               f"device {device}" + (f"; EMA decay {ema.decay:g} ({ema.nbytes / 2**20:.1f} MiB)" if ema else ""))
     return Training(p, base, variant, device, dtype, rank, world, main, data, manifest, fingerprint, steps_total,
-                    dit, network, params, optimizer, base / t_cfg.checkpoint_dir, warning, warm, ema)
+                    dit, network, params, optimizer, base / t_cfg.checkpoint_dir, warning, warm, ema, groups)
 
 
 def resume(tr: Training) -> Progress:
@@ -302,7 +308,8 @@ def resume(tr: Training) -> Progress:
             print(f"checkpoints in {ckpt_dir} belong to another configuration; starting from step 0")
             for old in list_checkpoints(ckpt_dir):
                 shutil.rmtree(old, ignore_errors=True)
-        tr.optimizer = build_optimizer(tr.params, t_cfg.optimizer_type, t_cfg.learning_rate, t_cfg.optimizer_args)
+        tr.optimizer = build_optimizer(tr.param_groups, t_cfg.optimizer_type, t_cfg.learning_rate,
+                                       t_cfg.optimizer_args)
         resumed = None
     if resumed is not None:
         train_state, lora_sd = resumed
@@ -324,7 +331,9 @@ def resume(tr: Training) -> Progress:
         if resumed is not None:
             run.client.update_run(run.run_id, status="RUNNING")  # it failed or was killed before
         if resumed is None:
-            run.log_params(to_flat_dict(p))
+            run.log_params({**to_flat_dict(p), "network.type": tr.network.network_type,
+                            "network.modules": len(tr.network.lora_modules),
+                            "network.parameters": sum(q.numel() for q in tr.params)})
             tags = {"flux2.variant": tr.variant.name, "flux2.commit": git_commit(tr.base),
                     "flux2.manifest_sha256": sha256_file(tr.manifest), "flux2.fingerprint": tr.fingerprint}
             if os.environ.get("DVC_EXP_NAME"):
@@ -349,7 +358,7 @@ def train_step(tr: Training, prog: Progress) -> None:
     lr = t_cfg.learning_rate * lr_factor(step, t_cfg.lr_scheduler, tr.steps_total, t_cfg.lr_warmup_steps,
                                          t_cfg.lr_scheduler_num_cycles, t_cfg.lr_scheduler_power)
     for group in tr.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # per-block rates, LoRA+
     prog.lr = lr
     loss_sum, items = 0.0, 0
     for micro in range(t_cfg.gradient_accumulation_steps):
