@@ -191,7 +191,6 @@ CHOICES = {
                            "polynomial"],
     "train.timestep_sampling": ["flux2_shift", "sigmoid", "uniform", "shift", "logit_normal"],
     "train.weighting_scheme": ["none", "sigma_sqrt", "cosmap"],
-    "train.network_module": ["networks.lora_flux_2"],
 }
 
 

@@ -266,8 +266,8 @@ def test_training_refuses_caches_made_by_other_weights_of_the_same_shapes(pipeli
 
 
 @pytest.mark.parametrize("option,expected", [
-    (["--network_module", "networks.lora"], "train.network_module: 'networks.lora' is not one of "
-                                            "networks.lora_flux_2"),
+    (["--network_module", "networks.lora_sd3"], "train.network_module: 'networks.lora_sd3' is not one of "
+                                                "networks.lora_flux_2"),
     (["--save_every_n_epochs", "-1"], "train.save_every_n_epochs: must be 0 (off) or a number of epochs, got -1"),
 ])
 def test_train_options_are_checked_with_key_named_errors(pipeline, capsys, option, expected):
