@@ -1,27 +1,47 @@
-"""Benchmark: one LoRA training step (forward, backward, AdamW) of our trainer beside diffusers + PEFT.
+"""Benchmark: one LoRA training step (forward, loss, backward, clipping, AdamW), flux2's levers beside diffusers + PEFT.
 
-Same setup as ../shared/bench/anchor_bench.py (the peers' measured anchors): random weights with the variant's
-shapes, LoRA on every Linear of the double and single blocks (rank r, alpha r), AdamW on the LoRA weights, base
-weights bf16 with bf16 autocast on CUDA (fp32 on CPU), median step time after warm-up, each configuration in its
-own process. On CPU a small FLUX.2-shaped config runs, so the script is exercised everywhere; on CUDA the
-klein-4b / klein-9b / dev shapes at 1024x1024.
+Every row trains the same thing: the same random DiT weights (ours, converted to diffusers' layout for its rows),
+LoRA rank 32 / alpha 32 on every Linear of the double and single blocks, AdamW on the LoRA weights (flux2: the
+product's fused AdamW and device-side skip, `flux2.train.optimizer_step`; diffusers: torch's default AdamW, as
+its training scripts use), gradient clipping at 1.0, the same inputs. A row is an implementation and its levers:
 
-    python bench/train_step.py                                  # CPU: small config, ours vs diffusers
-    python bench/train_step.py --variants klein-base-4b dev --res 1024 --grad_ckpt 1 --json out.json   # CUDA
+    flux2                     the product's defaults (train.compile auto: compiled on CUDA, eager on a CPU)
+    flux2+eager / +compile    train.compile false / true (regional: one compiled forward per block kind, the
+                              checkpoint inside it)
+    flux2+gc=N / +nogc        train.gradient_checkpointing_blocks N / gradient checkpointing off
+    flux2+fp8                 model.fp8_matmul (fp8 products; on a CPU for correctness only, it has no fp8 units)
+    flux2+fp8w                model.fp8_scaled (fp8 weights, dequantised per call: today's weight-only mode)
+    flux2+sac[=mm|attn|none]  checkpointing inside the compiled blocks, saving the matmul and attention outputs
+                              (mm), only the attention outputs (attn) or nothing (none: full recompute)
+    flux2+attn=NAME           model.attention_backend: flash, cudnn, efficient or math (auto: torch's choice)
+    flux2+fwd / diffusers+fwd one no-grad forward with the LoRA attached: a denoising step, not a training step
+    diffusers / +compile      Flux2Transformer2DModel + PEFT, eager / compile_repeated_blocks()
+Levers combine: flux2+compile+gc=3. Gradient checkpointing is on for every row unless it says otherwise.
 
-Prints a table (s/step, peak GiB, LoRA TFLOP/s, % of the measured bf16 matmul peak, ratio to diffusers eager)
-and writes JSON.
+All rows are built in one process and timed interleaved: round after round, each row runs a few steps; a row's
+time is the median over all its timed steps, and its ratio to the reference row is the median of the per-round
+ratios (with their min and max: the spread), so machine noise hits every row alike. `--memory` adds one profiled
+step per row: the peak of the bytes allocated during the step (activations, gradients, optimizer temporaries),
+counted from the allocator's events on a CPU and from torch.cuda.max_memory_allocated on a GPU.
+
+    python bench/train_step.py                          # CPU: the small config, the default rows
+    python bench/train_step.py --rows flux2 flux2+compile diffusers+compile --rounds 9 --json out.json
+    python bench/train_step.py --one flux2+fp8 --variant klein-base-4b --res 1024    # one row (bench/gpu_suite.sh)
+
+On a GPU the default is klein-base-4b at 1024x1024 in bf16; bench/gpu_suite.sh runs one process per row there
+(clean peak memory). On a CPU it is a small FLUX.2-shaped config (hidden 256, 2 double + 4 single blocks) at
+256x256 in float32.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,12 +49,23 @@ sys.path.insert(0, str(ROOT))
 
 SMALL = dict(hidden_size=256, num_heads=4, axes_dim=(16, 16, 16, 16), depth=2, depth_single_blocks=4,
              context_in_dim=384)
+DRY = dict(hidden_size=64, num_heads=2, axes_dim=(8, 8, 8, 8), depth=1, depth_single_blocks=1, context_in_dim=96)
+DEFAULT_ROWS = ["flux2", "flux2+compile", "flux2+compile+gc=5", "flux2+compile+gc=4", "flux2+compile+gc=3",
+                "flux2+nogc", "flux2+compile+nogc", "flux2+sac=attn", "flux2+attn=math", "flux2+fp8", "flux2+fp8w",
+                "diffusers", "diffusers+compile"]
+DIFFUSERS_TARGETS = (r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
+                     r"to_add_out)|ff\.linear_in|ff\.linear_out|ff_context\.linear_in|ff_context\.linear_out)"
+                     r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))")
 
 
 def variant_for(name: str):
     from flux2.variants import VARIANTS
 
-    return replace(VARIANTS["tiny"], **SMALL) if name == "small" else VARIANTS[name]
+    if name == "small":
+        return replace(VARIANTS["tiny"], **SMALL)
+    if name == "dry":
+        return replace(VARIANTS["tiny"], **DRY)
+    return VARIANTS[name]
 
 
 def fwd_flops(v, n_img: int, n_txt: int) -> float:
@@ -44,119 +75,268 @@ def fwd_flops(v, n_img: int, n_txt: int) -> float:
     return (v.depth + v.depth_single_blocks) * (2 * 13 * h * h * n + 4 * n * n * h)
 
 
-def build_ours(v, rank: int, grad_ckpt: bool, fp8: bool, compile_blocks: bool, device, dtype):
+@dataclass
+class Row:
+    """One benchmark row: `impl+lever+lever...`."""
+
+    name: str
+    impl: str = "flux2"
+    compile: bool | str = "auto"
+    grad_ckpt: bool = True
+    ckpt_blocks: int | None = None
+    fp8: str | None = None  # "matmul" | "weights"
+    sac: str | None = None  # selective checkpointing inside the compiled blocks: mm | attn | none
+    attention: str = "auto"  # model.attention_backend
+    fwd: bool = False  # one no-grad forward with the LoRA attached (a denoising step) instead of a training step
+    step: object = None
+    times: list = field(default_factory=list)
+    rounds: list = field(default_factory=list)  # per-round median step time
+
+    def checkpointing(self, v) -> str:
+        """Which blocks recompute in backward: all, the first N of M, selective (policy) or none."""
+        if self.fwd:
+            return "forward only"
+        if self.sac:
+            return f"selective ({self.sac})"
+        if not self.grad_ckpt:
+            return "none"
+        total = v.depth + v.depth_single_blocks
+        return "all" if self.ckpt_blocks is None or self.ckpt_blocks >= total else f"{self.ckpt_blocks} of {total}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Row":
+        impl, *levers = name.split("+")
+        if impl not in ("flux2", "diffusers"):
+            raise SystemExit(f"row {name!r}: the implementation is flux2 or diffusers")
+        row = cls(name, impl, compile="auto" if impl == "flux2" else False)
+        for lever in levers:
+            key, _, value = lever.partition("=")
+            if key in ("compile", "eager"):
+                row.compile = key == "compile"
+            elif key == "nogc":
+                row.grad_ckpt = False
+            elif key == "gc" and value.isdigit():
+                row.ckpt_blocks = int(value)
+            elif key in ("fp8", "fp8w") and impl == "flux2":
+                row.fp8 = "matmul" if key == "fp8" else "weights"
+            elif key == "sac" and impl == "flux2":
+                row.sac = value or "mm"
+            elif key == "fwd":
+                row.fwd = True
+            elif key == "attn" and impl == "flux2" and value:
+                row.attention = value
+            else:
+                raise SystemExit(f"row {name!r}: unknown lever {lever!r} (see the docstring)")
+        return row
+
+
+def build_flux2(row: Row, v, sd, rank: int, device, dtype, backend: str | None):
     import torch
 
+    from flux2.compile import compile_blocks, resolve
     from flux2.fp8 import dit_block_linear, quantize_linears
+    from flux2.fp8_matmul import use_fp8_matmuls
     from flux2.lora import create_network
     from flux2.model import Flux2Transformer
+    from flux2.optim import build_optimizer
+    from flux2.train import optimizer_step, velocity_loss
 
-    with torch.device(device):
-        dit = Flux2Transformer(v).to(dtype)
+    with torch.device("meta"):
+        dit = Flux2Transformer(v)
+    dit.load_state_dict(sd, assign=True)
     dit.requires_grad_(False)
-    if fp8:
+    if row.fp8 == "matmul":
+        use_fp8_matmuls(dit, dit_block_linear)
+    elif row.fp8 == "weights":
         quantize_linears(dit, dit_block_linear)
-    dit.gradient_checkpointing = grad_ckpt
+    dit.gradient_checkpointing = row.grad_ckpt
+    dit.checkpoint_blocks = row.ckpt_blocks
+    dit.set_attention_backend(row.attention)
+    torch.manual_seed(1)
     network = create_network(dit, rank, alpha=rank).to(device)
     network.apply_to(dit)
-    if compile_blocks:
-        for block in list(dit.double_blocks) + list(dit.single_blocks):
-            block.compile()
+    if row.sac:
+        compile_with_sac(dit, backend, row.sac)
+    elif resolve(row.compile, device):
+        if not compile_blocks(dit, backend):
+            raise SystemExit(f"{row.name}: torch.compile does not work here")
     params = [p for p in network.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, "adamw", 1e-4)
+    autocast = device.type == "cuda"
 
-    def step(x, x_ids, t, ctx, ctx_ids, g):
-        return dit(x, x_ids, t, ctx, ctx_ids, g)
+    def step(x0, noise, t, ctx):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(not row.fwd):
+            loss = velocity_loss(dit, x0, noise, t, ctx, [], v).mean()
+        if row.fwd:
+            return loss[None]
+        loss.backward()
+        return optimizer_step(params, optimizer, loss.detach(), 1.0)
 
-    return step, params
+    if row.fwd:
+        dit.eval()
+
+    return step, dit, network, optimizer
 
 
-def build_diffusers(v, rank: int, grad_ckpt: bool, compile_blocks: bool, device, dtype):
+def compile_with_sac(dit, backend: str | None, policy_name: str) -> None:
+    """Experimental lever: the checkpoint inside each compiled block, so the compiler plans the recompute
+    (selective activation checkpointing). policy mm: save matmul and attention outputs; attn: save only attention
+    outputs; none: save nothing (full recompute, planned by the compiler). docs/performance.md has the verdict."""
+    import types
+    from functools import partial
+
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    attention = {aten._scaled_dot_product_flash_attention.default,
+                 aten._scaled_dot_product_efficient_attention.default,
+                 aten._scaled_dot_product_cudnn_attention.default,
+                 aten._scaled_dot_product_flash_attention_for_cpu.default}
+    save = {"mm": attention | {aten.mm.default, aten.bmm.default, aten.addmm.default}, "attn": attention,
+            "none": set()}[policy_name]
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    dit.gradient_checkpointing = False  # the checkpoint is inside the compiled region instead
+    for blocks in (dit.double_blocks, dit.single_blocks):
+        eager = type(blocks[0]).forward
+
+        def checkpointed(block, *args, eager=eager):
+            return checkpoint(eager, block, *args, use_reentrant=False,
+                              context_fn=partial(create_selective_checkpoint_contexts, policy))
+
+        compiled = torch.compile(checkpointed, backend=backend or "inductor")
+        for block in blocks:
+            block.forward = types.MethodType(compiled, block)
+
+
+def build_diffusers(row: Row, v, sd, rank: int, device, dtype, backend: str | None):
     import torch
     from peft import LoraConfig
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from oracles.dit import diffusers_transformer
+    from oracles.dit import diffusers_transformer, dit_to_diffusers
 
-    with torch.device(device):
-        model = diffusers_transformer(v).to(dtype)
+    from flux2 import sampling
+
+    with torch.device("meta"):
+        model = diffusers_transformer(v)
+    model.load_state_dict(dit_to_diffusers(sd), assign=True)
     model.requires_grad_(False)
-    if grad_ckpt:
+    if row.grad_ckpt:
         model.enable_gradient_checkpointing()
-    targets = (r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
-               r"to_add_out)|ff\.linear_in|ff\.linear_out|ff_context\.linear_in|ff_context\.linear_out)"
-               r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))")
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
+    torch.manual_seed(1)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                 target_modules=DIFFUSERS_TARGETS))
     params = []
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
             params.append(p)
-    if compile_blocks:
-        model.compile_repeated_blocks()
+    model.train(not row.fwd)
+    if row.compile is True:
+        model.compile_repeated_blocks(**({"backend": backend} if backend else {}))
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    autocast = device.type == "cuda"
 
-    def step(x, x_ids, t, ctx, ctx_ids, g):
-        return model(hidden_states=x, encoder_hidden_states=ctx, timestep=t, img_ids=x_ids[0], txt_ids=ctx_ids[0],
-                     guidance=g, return_dict=False)[0]
-
-    return step, params
-
-
-def run_one(impl: str, variant: str, res: int, rank: int, grad_ckpt: bool, fp8: bool, compile_blocks: bool,
-            steps: int, warmup: int) -> dict:
-    import torch
-
-    from flux2 import sampling
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    v = variant_for(variant)
-    torch.manual_seed(0)
-    if impl == "flux2":
-        step, params = build_ours(v, rank, grad_ckpt, fp8, compile_blocks, device, dtype)
-    else:
-        step, params = build_diffusers(v, rank, grad_ckpt, compile_blocks, device, dtype)
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    side = res // 16
-    n_txt = v.max_text_tokens if variant != "small" else 64
-    x_ids = sampling.latent_ids(1, side, side, device=device)
-    ctx_ids = sampling.text_ids(1, n_txt, device=device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
-        x0 = torch.randn(1, side * side, 128, device=device, dtype=dtype)
-        noise = torch.randn_like(x0)
-        t = torch.rand(1, device=device)
-        xt = ((1 - t[:, None, None]) * x0 + t[:, None, None] * noise).to(dtype)
-        ctx = torch.randn(1, n_txt, v.context_in_dim, device=device, dtype=dtype)
-        g = torch.full((1,), 1.0, device=device) if v.use_guidance_embed else None
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            pred = step(xt, x_ids, t, ctx, ctx_ids, g)
-        loss = torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+    def step(x0, noise, t, ctx):
+        b, _, h, w = x0.shape
+        tt = t.view(-1, 1, 1, 1)
+        xt, target = (1 - tt) * x0 + tt * noise, noise - x0
+        x_ids = sampling.latent_ids(1, h, w, device=device)[0]  # diffusers takes (N, 4) ids
+        ctx_ids = sampling.text_ids(1, ctx.shape[1], device=device)[0]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(not row.fwd):
+            pred = model(hidden_states=sampling.pack(xt), encoder_hidden_states=ctx, timestep=t, img_ids=x_ids,
+                         txt_ids=ctx_ids, guidance=torch.ones(b, device=device) if v.use_guidance_embed else None,
+                         return_dict=False)[0]
+            loss = (pred.float() - sampling.pack(target)).square().mean()
+        if row.fwd:
+            return loss[None]
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    med = statistics.median(times)
-    flops = fwd_flops(v, side * side, n_txt)
-    return {"impl": impl + ("+compile" if compile_blocks else "") + ("+fp8" if fp8 else ""), "variant": variant,
-            "res": res, "rank": rank, "grad_ckpt": grad_ckpt, "device": torch.cuda.get_device_name() if cuda else
-            "cpu", "step_s": med, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-            "lora_tflops": 2 * flops / med / 1e12, "loss": float(loss)}
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return torch.stack([loss.detach(), norm])
+
+    return step, model, None, optimizer
 
 
-def matmul_peak() -> float | None:
+def make_inputs(v, side: int, n_txt: int, seed: int, device, dtype, batch: int = 1):
     import torch
 
-    if not torch.cuda.is_available():
-        return None
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(batch, v.in_channels, side, side, generator=g).to(device, dtype)
+    noise = torch.randn(batch, v.in_channels, side, side, generator=g).to(device, dtype)
+    t = torch.rand(batch, generator=g).to(device)
+    ctx = torch.randn(batch, n_txt, v.context_in_dim, generator=g).to(device, dtype)
+    return x0, noise, t, ctx
+
+
+def timed(step, inputs, cuda: bool, clock=time.perf_counter) -> float:
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    start = clock()
+    out = step(*inputs)
+    if cuda:
+        torch.cuda.synchronize()
+    else:
+        out.tolist()
+    return clock() - start
+
+
+def step_peak_bytes(step, inputs, cuda: bool) -> int:
+    """Peak bytes allocated above what was live before the step, during one step."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(*inputs)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(*inputs)
+    live = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def resident_bytes(model, network, optimizer) -> int:
+    """Bytes held between steps: model weights and buffers (LoRA included when it is part of the model) and the
+    optimizer state, counted."""
+    import torch
+
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    if network is not None:
+        tensors |= {id(t): t for t in [*network.parameters(), *network.buffers()]}
+    for state in optimizer.state.values():
+        tensors |= {id(t): t for t in state.values() if isinstance(t, torch.Tensor)}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the C++ compiler runs in children: with
+    TORCHINDUCTOR_COMPILE_THREADS=1 they are waited for, so a compile's whole cost shows here)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def matmul_peak_tflops() -> float:
+    """The card's measured bf16 matrix-product throughput (8192^3), the 100% of the table."""
+    import torch
+
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         a @ a
@@ -168,58 +348,131 @@ def matmul_peak() -> float | None:
     return 2 * 8192**3 / ((time.perf_counter() - start) / 20) / 1e12
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", nargs="*", default=None, help="default: small on CPU, klein-base-4b on CUDA")
-    ap.add_argument("--res", type=int, default=None, help="default: 256 on CPU, 1024 on CUDA")
+    ap.add_argument("--variant", default=None, help="small (CPU default), dry (tiny, for tests) or a FLUX.2 variant")
+    ap.add_argument("--res", type=int, default=None, help="image side in pixels (default: 256 on CPU, 1024 on CUDA)")
+    ap.add_argument("--text_tokens", type=int, default=None, help="default: 64 on CPU, the variant's 512 on CUDA")
     ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--grad_ckpt", type=int, default=1)
-    ap.add_argument("--impls", nargs="*", default=["flux2", "diffusers"],
-                    help="flux2, flux2+compile, flux2+fp8, diffusers, diffusers+compile")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.one:
-        impl, variant = args.one.split(":")
-        base = impl.split("+")[0]
-        row = run_one(base, variant, args.res, args.rank, bool(args.grad_ckpt), "+fp8" in impl, "+compile" in impl,
-                      args.steps, args.warmup)
-        print(json.dumps(row))
-        return
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rows", nargs="*", default=DEFAULT_ROWS)
+    ap.add_argument("--one", default=None, help="run only this row (one process per row: clean peak memory)")
+    ap.add_argument("--reference", default="diffusers+compile", help="the row the ratios are relative to")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per row and round")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per row first (compiles happen here)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                    help="cpu: this process's CPU time (default on a CPU: other processes on a shared machine barely "
+                         "move it); wall: elapsed time (default on a GPU)")
+    ap.add_argument("--memory", action="store_true", help="also count each row's step peak memory")
+    ap.add_argument("--backend", default=None, help="torch.compile backend for compiled rows (default inductor)")
+    ap.add_argument("--json", default=None, help="write the rows here (a list of objects)")
+    ap.add_argument("--matmul_peak", action="store_true", help="print the GPU's bf16 matmul TFLOP/s as JSON, only")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
     import torch
 
+    if args.matmul_peak:
+        print(json.dumps({"matmul_peak_tflops": matmul_peak_tflops(), "device": torch.cuda.get_device_name()}))
+        return []
+    torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
-    variants = args.variants or (["klein-base-4b"] if cuda else ["small"])
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    variant = args.variant or ("klein-base-4b" if cuda else "small")
+    v = variant_for(variant)
     res = args.res or (1024 if cuda else 256)
-    peak = matmul_peak()
-    rows = []
-    for variant in variants:
-        for impl in args.impls:
-            cmd = [sys.executable, __file__, "--one", f"{impl}:{variant}", "--res", str(res), "--rank", str(args.rank),
-                   "--grad_ckpt", str(args.grad_ckpt), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-            if out.returncode:
-                print(f"{impl} {variant} failed: {out.stderr.strip().splitlines()[-1:]}")
-                continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"LoRA training step, res {res}, rank {args.rank}, grad ckpt {bool(args.grad_ckpt)}, device "
-          f"{rows[0]['device'] if rows else '?'}" + (f", bf16 matmul peak {peak:.0f} TFLOP/s" if peak else ""))
-    print(f"{'variant':<14} {'impl':<20} {'s/step':>8} {'peak GiB':>9} {'TFLOP/s':>8} {'% peak':>7} {'vs diffusers':>13}")
-    for r in rows:
-        ref = next((q["step_s"] for q in rows if q["variant"] == r["variant"] and q["impl"] == "diffusers"), None)
-        r["ratio_vs_diffusers"] = r["step_s"] / ref if ref else None
-        r["pct_of_peak"] = 100 * r["lora_tflops"] / peak if peak else None
-        peak_gib = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-        pct = f"{r['pct_of_peak']:.0f}%" if r["pct_of_peak"] is not None else "-"
-        ratio = f"{r['ratio_vs_diffusers']:.2f}" if r["ratio_vs_diffusers"] else "-"
-        print(f"{r['variant']:<14} {r['impl']:<20} {r['step_s']:>8.4f} {peak_gib:>9} {r['lora_tflops']:>8.2f} "
-              f"{pct:>7} {ratio:>13}")
+    n_txt = args.text_tokens or (v.max_text_tokens if cuda else 64)
+    side = res // v.ae.downscale
+    rows = [Row.parse(args.one)] if args.one else [Row.parse(r) for r in args.rows]
+    clock_name = args.clock or ("wall" if cuda else "cpu")
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+
+    from flux2.model import Flux2Transformer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        sd = {k: t.to(dtype) for k, t in Flux2Transformer(v).state_dict().items()}
+    built = {}
+    for row in rows:
+        build = build_flux2 if row.impl == "flux2" else build_diffusers
+        start, start_cpu = time.perf_counter(), time.process_time()
+        row.step, *built[row.name] = build(row, v, sd, args.rank, device, dtype, args.backend)
+        row.build_s, row.build_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
+    del sd
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # as anchors.md: from after building, warm-up steps included
+    for row in rows:
+        start, start_cpu = time.perf_counter(), cpu_seconds()
+        inputs = make_inputs(v, side, n_txt, 0, device, dtype, args.batch)
+        for _ in range(args.warmup):
+            timed(row.step, inputs, cuda)
+        row.warmup_s, row.warmup_cpu_s = time.perf_counter() - start, cpu_seconds() - start_cpu
+    for r in range(args.rounds):
+        inputs = make_inputs(v, side, n_txt, r + 1, device, dtype, args.batch)
+        for row in rows:
+            times = [timed(row.step, inputs, cuda, clock) for _ in range(args.steps)]
+            row.times += times
+            row.rounds.append(statistics.median(times))
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    results = []
+    ref = next((q for q in rows if q.name == args.reference), None)
+    flops = fwd_flops(v, side * side, n_txt) * args.batch
+    for row in rows:
+        model, network, optimizer = built[row.name]
+        med = statistics.median(row.times)
+        out = {"row": row.name, "variant": variant, "res": res, "text_tokens": n_txt, "rank": args.rank,
+               "batch": args.batch, "grad_ckpt": row.checkpointing(v), "forward_only": row.fwd,
+               "device": torch.cuda.get_device_name() if cuda else f"cpu ({args.threads} thread(s))",
+               "dtype": str(dtype).removeprefix("torch."), "clock": clock_name, "step_s": med,
+               "step_s_min": min(row.times), "step_s_max": max(row.times), "timed_steps": len(row.times),
+               "build_s": row.build_s, "warmup_s": row.warmup_s, "warmup_cpu_s": row.warmup_cpu_s,
+               "lora_tflops": (1 if row.fwd else 2) * flops / med / 1e12,
+               "resident_mib": resident_bytes(model, network, optimizer) / 2**20, "peak_gib": peak_gib}
+        if ref is not None:
+            ratios = [a / b for a, b in zip(row.rounds, ref.rounds)]
+            out |= {"vs_reference": statistics.median(ratios), "vs_reference_min": min(ratios),
+                    "vs_reference_max": max(ratios), "reference": ref.name}
+        results.append(out)
+    if args.memory:
+        for row, out in zip(rows, results):
+            inputs = make_inputs(v, side, n_txt, 0, device, dtype, args.batch)
+            out["step_peak_mib"] = step_peak_bytes(row.step, inputs, cuda) / 2**20
+    print_table(results, args)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"matmul_peak_tflops": peak, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def print_table(results: list[dict], args) -> None:
+    r0 = results[0]
+    print(f"LoRA training step: {r0['variant']}, {r0['res']}x{r0['res']} + {r0['text_tokens']} text tokens, batch "
+          f"{r0['batch']}, rank {r0['rank']}, {r0['dtype']}, {r0['device']}; {args.rounds} rounds x {args.steps} "
+          f"steps, interleaved, {r0['clock']} time")
+    ref = r0.get("reference")
+    head = f"{'row':<26} {'s/step':>8} {'min':>7} {'max':>7}"
+    if ref:
+        head += f" {'vs ' + ref:>22} {'spread':>11}"
+    head += f" {'warm-up s':>9} {'resident MiB':>12}" + (f" {'step peak MiB':>13}" if args.memory else "")
+    if r0["peak_gib"] is not None:
+        head += f" {'peak GiB':>8}"
+    print(head)
+    for r in results:
+        line = f"{r['row']:<26} {r['step_s']:>8.4f} {r['step_s_min']:>7.4f} {r['step_s_max']:>7.4f}"
+        if ref:
+            line += f" {r['vs_reference']:>22.3f} {r['vs_reference_min']:>5.2f}-{r['vs_reference_max']:<5.2f}"
+        line += f" {r['warmup_s']:>9.1f} {r['resident_mib']:>12.1f}"
+        line += f" {r['step_peak_mib']:>13.1f}" if args.memory else ""
+        line += f" {r['peak_gib']:>8.2f}" if r["peak_gib"] is not None else ""
+        print(line)
 
 
 if __name__ == "__main__":
-    main()
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

@@ -83,6 +83,11 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--control_image_path", nargs="*", default=[], help="reference image(s) for editing")
     p.add_argument("--no_resize_control", action="store_true", help="keep reference images at their size")
     p.add_argument("--fp8_scaled", action="store_true", help="DiT block weights in block-wise scaled fp8")
+    p.add_argument("--fp8_matmul", action="store_true",
+                   help="DiT block weights in row-wise fp8, multiplied in fp8 (GPUs with fp8 tensor cores: L4, L40S, "
+                        "H100, H200, B200)")
+    p.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
+                   help="compile the DiT blocks with torch.compile (auto: on CUDA); the first image pays the compile")
     p.add_argument("--blocks_to_swap", type=int, default=0, help="DiT blocks kept in CPU memory (CUDA only)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="DiT compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -268,6 +273,17 @@ def optional(kind: type):
     return convert
 
 
+def json_or_word(value: str):
+    """An option value for a union-typed field: JSON (`true`, `[512, 768]`, `{"a": 1}`) or else the plain word."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+json_or_word.__name__ = "JSON"
+
+
 class KeyValues(argparse.Action):
     """`key=value ...` into a dict (musubi-tuner's --network_args / --optimizer_args); each value is read as JSON
     (8, 5e-5, true, [4, 0]) or a Python literal (True), else kept as text. One JSON object also works."""
@@ -328,9 +344,9 @@ def add_group_options(p: argparse.ArgumentParser, cls: type, group: str) -> None
         elif typing.get_origin(base) is dict:  # musubi-tuner's `--network_args factor=8 decompose_both=true`
             kw.update(nargs="*", action=KeyValues)
             kw["help"] += " (key=value ... or one JSON object)"
-        else:  # unions such as int | list[int]
-            kw["type"] = json.loads
-            kw["help"] += " (JSON)"
+        else:  # unions such as int | list[int] or bool | str
+            kw["type"] = json_or_word
+            kw["help"] += " (JSON or a word)"
         if base is not bool:
             kw["metavar"] = f.name.upper()
         g.add_argument(f"--{f.name}", **kw)

@@ -268,7 +268,12 @@ def run_models(p: Params, base: Path, variant: Variant, lora_path: Path, loss_it
     dtype = resolve_dtype(p.model.dtype, device)
     settings = variant.sample_settings(steps=e.infer_steps, guidance=e.guidance_scale)
     dit = load_dit(base / p.model.dit, variant, device="cpu" if p.model.blocks_to_swap else device, dtype=dtype,
-                   fp8_scaled=p.model.fp8_base or p.model.fp8_scaled)
+                   fp8_scaled=(p.model.fp8_base or p.model.fp8_scaled) and not p.model.fp8_matmul)
+    if p.model.fp8_matmul:
+        from flux2.fp8_matmul import apply_fp8_matmul
+
+        apply_fp8_matmul(dit, device)
+    dit.set_attention_backend(p.model.attention_backend)
     if p.model.blocks_to_swap:
         from flux2.block_swap import enable_block_swap
 

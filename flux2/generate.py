@@ -52,6 +52,8 @@ class GenerateOptions:
     control_image_path: list[str] = field(default_factory=list)
     no_resize_control: bool = False
     fp8_scaled: bool = False
+    fp8_matmul: bool = False  # block Linears in row-wise fp8, multiplied in fp8 (flux2.fp8_matmul)
+    compile: bool | str = "auto"  # regional torch.compile of the DiT blocks: auto (on CUDA) | true | false
     fp8_text_encoder: bool = False
     blocks_to_swap: int = 0
     dtype: str | None = None  # "bfloat16" | "float32"; default bf16 on CUDA, fp32 on CPU
@@ -281,19 +283,27 @@ def load_dit_for(opts: GenerateOptions, variant: Variant, device: torch.device, 
     fp8_scaled with merged LoRAs: loaded unquantised to the CPU, merged, then each block is moved to the device
     and quantised there, so the device never holds the unquantised model."""
     from flux2.block_swap import enable_block_swap
+    from flux2.compile import compile_blocks
+    from flux2.compile import resolve as resolve_compile
     from flux2.fp8 import quantize_linears
+    from flux2.fp8_matmul import apply_fp8_matmul
     from flux2.loading import load_dit
+    from flux2.params import parse_auto_bool
 
     merge_then_quantise = bool(opts.lora_weight) and opts.lora_merge and opts.fp8_scaled
     on_cpu = bool(opts.blocks_to_swap) or merge_then_quantise
     dit = load_dit(opts.dit, variant, device="cpu" if on_cpu else device, dtype=dtype,
-                   fp8_scaled=opts.fp8_scaled and not merge_then_quantise)
+                   fp8_scaled=opts.fp8_scaled and not merge_then_quantise and not opts.fp8_matmul)
+    if opts.fp8_matmul and not (opts.lora_weight and opts.lora_merge):
+        apply_fp8_matmul(dit, device)  # before LoRA hooks attach to the Linears it replaces
     if opts.lora_weight:
         networks = _apply_loras(dit, opts, merge=opts.lora_merge)
         if not opts.lora_merge:
             for network in networks:
                 network.to(device)  # attached updates run where the activations are
-    if merge_then_quantise:
+    if opts.fp8_matmul and opts.lora_weight and opts.lora_merge:
+        apply_fp8_matmul(dit, device)  # after the merge: each weight is rounded to fp8 once
+    elif merge_then_quantise:
         # The same as quantize_linears(dit, dit_block_linear), one block at a time on the device.
         for block in [*dit.double_blocks, *dit.single_blocks]:
             if not opts.blocks_to_swap:
@@ -303,7 +313,10 @@ def load_dit_for(opts: GenerateOptions, variant: Variant, device: torch.device, 
         enable_block_swap(dit, opts.blocks_to_swap, device)
     else:
         dit.to(device)
+    if resolve_compile(parse_auto_bool(opts.compile, "--compile"), device):
+        compile_blocks(dit)
     return dit
+
 
 
 def save_merged_dit(opts: GenerateOptions, variant: Variant) -> Path:

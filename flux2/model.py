@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from flux2.variants import Variant
@@ -37,11 +38,13 @@ def rope(pos: Tensor, dim: int, theta: int) -> tuple[Tensor, Tensor]:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, heads, N, D) by the angles in cos/sin (B, 1, N, D/2)."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    a, b = xf[..., 0], xf[..., 1]
-    out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of x (B, N, heads, D) by their angles: x * cos + swapped(x) * sin,
+    with EmbedND's full-width tables (B, N, 1, D): cos repeated per pair, sin as (-sin, +sin) per pair, and
+    swapped(x) = (x[2j+1], x[2j]). The same products and sums as the pairwise form, in three kernels instead of
+    seven."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (xf * cos + swapped * sin).type_as(x)
 
 
 class EmbedND(nn.Module):
@@ -53,16 +56,31 @@ class EmbedND(nn.Module):
         self.axes_dim = axes_dim
 
     def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """ids (B, N, 4) -> the tables apply_rope takes: cos and signed sin, (B, N, 1, head_dim) float32."""
         parts = [rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)]
-        cos = torch.cat([c for c, _ in parts], dim=-1).unsqueeze(1)
-        sin = torch.cat([s for _, s in parts], dim=-1).unsqueeze(1)
-        return cos, sin
+        cos = torch.cat([c for c, _ in parts], dim=-1)
+        sin = torch.cat([s for _, s in parts], dim=-1)
+        cos = torch.stack([cos, cos], dim=-1).flatten(-2)
+        sin = torch.stack([-sin, sin], dim=-1).flatten(-2)
+        return cos.unsqueeze(2), sin.unsqueeze(2)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: tuple[Tensor, Tensor]) -> Tensor:
-    """RoPE then scaled dot-product attention, no mask. q, k, v: (B, heads, N, D) -> (B, N, heads * D)."""
-    q, k = apply_rope(q, *pe), apply_rope(k, *pe)
-    x = F.scaled_dot_product_attention(q, k, v)
+# `model.attention_backend`: which scaled-dot-product kernel the blocks use; auto lets torch pick per call.
+ATTENTION_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: tuple[Tensor, Tensor], backend: SDPBackend | None = None
+              ) -> Tensor:
+    """RoPE then scaled dot-product attention, no mask. q, k, v: (B, N, heads, D) -> (B, N, heads * D).
+    Tokens stay outermost (the layout flash attention kernels read without a copy); SDPA sees transposed views.
+    `backend`: one SDPA kernel (inside the block, so a checkpointed block recomputes with the same kernel)."""
+    q, k, v = apply_rope(q, *pe).transpose(1, 2), apply_rope(k, *pe).transpose(1, 2), v.transpose(1, 2)
+    if backend is None:
+        x = F.scaled_dot_product_attention(q, k, v)
+    else:
+        with sdpa_kernel([backend]):
+            x = F.scaled_dot_product_attention(q, k, v)
     return x.transpose(1, 2).flatten(2)
 
 
@@ -101,8 +119,8 @@ class QKNorm(nn.Module):
 
 
 def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, N, 3 * heads * D) laid out [q; k; v], head-major -> three (B, heads, N, D)."""
-    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4)
+    """(B, N, 3 * heads * D) laid out [q; k; v], head-major -> three (B, N, heads, D) views."""
+    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).unbind(2)
     return q, k, v
 
 
@@ -152,6 +170,7 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
+        self.attention_backend: SDPBackend | None = None
         self.img_attn = SelfAttention(hidden_size, num_heads)
         self.img_mlp = nn.Sequential(
             nn.Linear(hidden_size, mlp_hidden * 2, bias=False), SiLUActivation(),
@@ -169,10 +188,10 @@ class DoubleStreamBlock(nn.Module):
         img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
         # Joint attention over [txt; img], text first.
-        q = torch.cat((txt_q, img_q), dim=2)
-        k = torch.cat((txt_k, img_k), dim=2)
-        v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, pe)
+        q = torch.cat((txt_q, img_q), dim=1)
+        k = torch.cat((txt_k, img_k), dim=1)
+        v = torch.cat((txt_v, img_v), dim=1)
+        attn = attention(q, k, v, pe, self.attention_backend)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_gate1 * self.img_attn.proj(img_attn)
@@ -194,6 +213,7 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(hidden_size + self.mlp_hidden, hidden_size, bias=False)
         self.norm = QKNorm(hidden_size // num_heads)
         self.mlp_act = SiLUActivation()
+        self.attention_backend: SDPBackend | None = None
 
     def forward(self, x: Tensor, pe: tuple[Tensor, Tensor], mod: list) -> Tensor:
         ((shift, scale, gate),) = mod
@@ -201,7 +221,7 @@ class SingleStreamBlock(nn.Module):
             [3 * self.hidden_size, 2 * self.mlp_hidden], dim=-1)
         q, k, v = split_qkv(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe)
+        attn = attention(q, k, v, pe, self.attention_backend)
         return x + gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=-1))
 
 
@@ -241,6 +261,8 @@ class Flux2Transformer(nn.Module):
         self.single_stream_modulation = Modulation(h, double=False)
         self.final_layer = LastLayer(h, variant.in_channels)
         self.gradient_checkpointing = False
+        # With gradient_checkpointing: recompute only the first N blocks (double blocks first); None = all.
+        self.checkpoint_blocks: int | None = None
 
     def forward(self, x: Tensor, x_ids: Tensor, timesteps: Tensor, ctx: Tensor, ctx_ids: Tensor,
                 guidance: Tensor | None = None) -> Tensor:
@@ -259,14 +281,29 @@ class Flux2Transformer(nn.Module):
         txt = self.txt_in(ctx.to(dtype))
         pe = self.pe_embedder(torch.cat((ctx_ids, x_ids), dim=1))
 
-        for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, pe, mod_img, mod_txt)
+        for i, block in enumerate(self.double_blocks):
+            img, txt = self._run(i, block, img, txt, pe, mod_img, mod_txt)
         x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = self._run(block, x, pe, mod_single)
+        for i, block in enumerate(self.single_blocks, start=len(self.double_blocks)):
+            x = self._run(i, block, x, pe, mod_single)
         return self.final_layer(x[:, num_txt:], vec)
 
-    def _run(self, block: nn.Module, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
+    def set_attention_backend(self, name: str) -> None:
+        """Use one SDPA kernel in every block (`auto`: torch's choice per call); ValueError for an unknown name."""
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(f"model.attention_backend: {name!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+        for block in [*self.double_blocks, *self.single_blocks]:
+            block.attention_backend = ATTENTION_BACKENDS[name]
+
+    def _run(self, index: int, block: nn.Module, *args):
+        """Block `index` (in execution order), checkpointed when asked: it keeps only its inputs for backward and
+        runs its forward again there. A compiled block (flux2.compile) that can checkpoint inside its graph is told
+        to, through its `in_graph_checkpoint`."""
+        recompute = (self.gradient_checkpointing and torch.is_grad_enabled()
+                     and (self.checkpoint_blocks is None or index < self.checkpoint_blocks))
+        if hasattr(block, "in_graph_checkpoint"):
+            block.in_graph_checkpoint = recompute
+            return block(*args)
+        if recompute:
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)

@@ -20,6 +20,9 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optimizer_type: str, l
     params = list(params)
     name = optimizer_type.lower()
     if name == "adamw":
+        if "foreach" not in args:
+            # Fused: one kernel for all tensors, and it can skip a non-finite step on the device (train.py).
+            args.setdefault("fused", True)
         return torch.optim.AdamW(params, lr=lr, **args)
     if name == "adamw8bit":
         import bitsandbytes as bnb

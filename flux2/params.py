@@ -36,6 +36,8 @@ class ModelParams:
     fp8_base: bool = False
     fp8_scaled: bool = False
     fp8_text_encoder: bool = False
+    fp8_matmul: bool = False  # block Linears in row-wise fp8, multiplied in fp8 (torch._scaled_mm; flux2/fp8_matmul.py)
+    attention_backend: str = "auto"  # auto | flash | cudnn | efficient | math: the blocks' SDPA kernel
     blocks_to_swap: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
@@ -115,6 +117,8 @@ class TrainParams:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "bf16"  # bf16 | no
     gradient_checkpointing: bool = True
+    gradient_checkpointing_blocks: int | None = None  # recompute only the first N blocks (None: all)
+    compile: bool | str = "auto"  # auto (on for CUDA) | true | false: regional torch.compile (flux2/compile.py)
     fsdp: bool = False  # shard the frozen DiT over the processes (accelerate launch), e.g. dev on 80 GB cards
     max_train_steps: int | None = 1000
     max_train_epochs: int | None = None  # when set, it decides the run length instead of max_train_steps
@@ -184,6 +188,7 @@ CHOICES = {
     "model.model_version": list(VARIANTS),
     "model.dtype": ["auto", "bfloat16", "float32"],
     "model.vae_dtype": ["bfloat16", "float32"],
+    "model.attention_backend": ["auto", "flash", "cudnn", "efficient", "math"],
     "dataset.on_error": ["skip", "fail"],
     "cache.text_dtype": ["bfloat16", "float32"],
     "train.mixed_precision": ["bf16", "no"],
@@ -302,6 +307,7 @@ def check_semantics(p: Params) -> None:
     if t.fsdp and p.model.blocks_to_swap:
         raise ParamsError("train.fsdp: cannot be combined with model.blocks_to_swap (both decide where the "
                           "weights live); use one")
+    _check_speed_options(p)
     if p.model.fp8_scaled and not p.model.fp8_base:
         raise ParamsError("model.fp8_scaled: needs model.fp8_base: true (scaled fp8 is a form of fp8 base)")
     try:
@@ -360,6 +366,32 @@ def check_semantics(p: Params) -> None:
             raise ParamsError(f"{key}.alpha_mask: give mask_directory or alpha_mask, not both")
     if not p.dataset.sources and not p.dataset.toml:
         raise ParamsError("dataset.sources: empty; list at least one source or set dataset.toml")
+
+
+def parse_auto_bool(value: bool | str, key: str) -> bool | str:
+    """An `auto | true | false` setting from the YAML bool or the words (DVC's `-S key=true` writes a bool):
+    "auto", True or False; ParamsError naming `key` otherwise."""
+    if isinstance(value, bool):
+        return value
+    word = {"auto": "auto", "true": True, "false": False}.get(str(value).lower())
+    if word is None:
+        raise ParamsError(f"{key}: {value!r} is not one of auto, true, false")
+    return word
+
+
+def _check_speed_options(p: Params) -> None:
+    t, variant = p.train, VARIANTS[p.model.model_version]
+    t.compile = parse_auto_bool(t.compile, "train.compile")
+    blocks = variant.depth + variant.depth_single_blocks
+    n = t.gradient_checkpointing_blocks
+    if n is not None:
+        if not 0 <= n <= blocks:
+            raise ParamsError(f"train.gradient_checkpointing_blocks: {n} is outside 0..{blocks} (the "
+                              f"{p.model.model_version} DiT has {variant.depth} double and "
+                              f"{variant.depth_single_blocks} single blocks); null checkpoints all")
+        if p.model.blocks_to_swap and n < blocks:
+            raise ParamsError("train.gradient_checkpointing_blocks: model.blocks_to_swap needs every block "
+                              "checkpointed (set it to null)")
 
 
 def check_model_paths(p: Params, base: Path, source: str) -> None:

@@ -78,9 +78,10 @@ def run_fingerprint(p: Params, manifest_sha: str, latents_meta: dict, text_meta:
     """What decides the trained weights; checkpoints from a run with another fingerprint are not resumed. A warm
     start counts by the content of its file (`network_weights_sha`), not by its path."""
     t = asdict(p.train)
+    # Speed switches that leave the trained weights alone (compile: up to float rounding) may change on resume.
     for k in ("sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "save_every_n_steps",
               "save_every_n_epochs", "log_every_n_steps", "output_dir", "output_name", "checkpoint_dir",
-              "max_bad_steps"):
+              "max_bad_steps", "compile", "gradient_checkpointing_blocks"):
         t.pop(k)
     t["network_weights"] = network_weights_sha
     t["ema_decay"] = t["ema_decay"] or None  # 0 and null both mean no EMA
@@ -90,6 +91,9 @@ def run_fingerprint(p: Params, manifest_sha: str, latents_meta: dict, text_meta:
         t.pop("max_train_epochs")
     m = asdict(p.model)
     m.pop("device")
+    m.pop("attention_backend")  # the same attention, another kernel
+    if not m["fp8_matmul"]:
+        m.pop("fp8_matmul")  # so runs from before the switch existed still resume
     blob = json.dumps([t, m, manifest_sha, latents_meta, text_meta, world_size], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -100,18 +104,26 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device: a plain copy to a GPU waits for all queued work,
+    one from pinned memory does not."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def flux_loss(dit: torch.nn.Module, batch: Batch, variant: Variant, p: Params, device: torch.device
               ) -> torch.Tensor:
     """Weighted flow-matching MSE of one micro-batch (mean over samples)."""
     t_cfg = p.train
-    x0, noise = batch.latents.to(device), batch.noise.to(device)
+    x0, noise = to_device(batch.latents, device), to_device(batch.noise, device)
     b, _, h, w = x0.shape
-    t = timesteps.sample_timesteps(t_cfg.timestep_sampling, batch.normal, batch.uniform, h * w,
-                                   t_cfg.sigmoid_scale, t_cfg.discrete_flow_shift, t_cfg.logit_mean,
-                                   t_cfg.logit_std).to(device)
-    mask = batch.masks.to(device) if batch.masks is not None else None
-    per_sample = velocity_loss(dit, x0, noise, t, batch.ctx.to(device), [c.to(device) for c in batch.controls],
-                               variant, t_cfg.guidance, mask)
+    t = to_device(timesteps.sample_timesteps(t_cfg.timestep_sampling, batch.normal, batch.uniform, h * w,
+                                             t_cfg.sigmoid_scale, t_cfg.discrete_flow_shift, t_cfg.logit_mean,
+                                             t_cfg.logit_std), device)
+    mask = to_device(batch.masks, device) if batch.masks is not None else None
+    per_sample = velocity_loss(dit, x0, noise, t, to_device(batch.ctx, device),
+                               [to_device(c, device) for c in batch.controls], variant, t_cfg.guidance, mask)
     return (per_sample * timesteps.loss_weights(t_cfg.weighting_scheme, t)).mean()
 
 
@@ -186,6 +198,18 @@ class Training:
 
 
 @dataclass
+class QueuedStep:
+    """A step whose loss and gradient norm (`values`, on the device) are not read yet."""
+
+    step: int  # 0-based index
+    lr: float
+    values: torch.Tensor
+    start: float  # time.perf_counter() when it began and when its work was queued
+    end: float
+    items: int = 0  # samples in the step over all processes (sources may have batch sizes of their own)
+
+
+@dataclass
 class Progress:
     """The loop's state between steps: the checkpointed position, the loss history, the MLflow run."""
 
@@ -196,6 +220,8 @@ class Progress:
     loss_value: float = float("nan")
     lr: float = 0.0
     consecutive_bad: int = 0
+    pending: list[QueuedStep] = field(default_factory=list)  # steps whose loss is still on the device
+    last_end: float = 0.0
 
 
 def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResult:
@@ -224,6 +250,8 @@ def setup(p: Params, base: Path) -> Training:
     """Processes, device, data, the DiT (with fp8 / FSDP / block swap as asked), the LoRA and its optimizer."""
     from accelerate import PartialState
 
+    from flux2.compile import compile_blocks
+    from flux2.compile import resolve as resolve_compile
     from flux2.loading import load_dit, resolve_device, resolve_dtype
     from flux2.lora import create_network, param_groups
     from flux2.network_config import network_options
@@ -258,8 +286,14 @@ def setup(p: Params, base: Path) -> Training:
 
     on_cpu_first = p.model.blocks_to_swap or t_cfg.fsdp
     dit = load_dit(base / p.model.dit, variant, device="cpu" if on_cpu_first else device, dtype=dtype,
-                   fp8_scaled=p.model.fp8_base or p.model.fp8_scaled)
+                   fp8_scaled=(p.model.fp8_base or p.model.fp8_scaled) and not p.model.fp8_matmul)
+    if p.model.fp8_matmul:
+        from flux2.fp8_matmul import apply_fp8_matmul
+
+        apply_fp8_matmul(dit, device)
     dit.gradient_checkpointing = t_cfg.gradient_checkpointing
+    dit.checkpoint_blocks = t_cfg.gradient_checkpointing_blocks
+    dit.set_attention_backend(p.model.attention_backend)
     if t_cfg.fsdp:
         from flux2.sharding import shard_dit
 
@@ -281,6 +315,8 @@ def setup(p: Params, base: Path) -> Training:
         if main:
             print(f"starting from {warm.describe()}; {fresh} module(s) it lacks start fresh")
     network.apply_to(dit)
+    if resolve_compile(t_cfg.compile, device):
+        compile_blocks(dit)  # after the LoRA hooks: they are traced into the blocks' graphs
     params = [q for q in network.parameters() if q.requires_grad]
     groups = param_groups(network, t_cfg.learning_rate, options)
     optimizer = build_optimizer(groups, t_cfg.optimizer_type, t_cfg.learning_rate, t_cfg.optimizer_args)
@@ -350,8 +386,12 @@ def resume(tr: Training) -> Progress:
 
 
 def train_step(tr: Training, prog: Progress) -> None:
-    """One optimizer step (all micro-batches, gradient averaging over processes, clipping), or a skipped step when
-    the loss or gradient is not finite; then logging, checkpoints and samples as scheduled."""
+    """One optimizer step (all micro-batches, gradient averaging over processes, clipping), skipped on the device
+    when the loss or gradient is not finite; then logging, checkpoints and samples as scheduled.
+
+    Nothing here waits for the device: the loss and gradient norm stay there and are read, all queued steps in one
+    transfer, every `log_every_n_steps` steps, one step late (`read_steps`), so the GPU always has the next step
+    queued. The skip itself needs no host decision either (`optimizer_step`)."""
     p, t_cfg, state = tr.p, tr.p.train, prog.state
     step = state.step
     start = time.perf_counter()
@@ -360,7 +400,7 @@ def train_step(tr: Training, prog: Progress) -> None:
     for group in tr.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)  # per-block rates, LoRA+
     prog.lr = lr
-    loss_sum, items = 0.0, 0
+    loss_sum, items = torch.zeros((), device=tr.device), 0
     for micro in range(t_cfg.gradient_accumulation_steps):
         torch.manual_seed(mix_seed(t_cfg.seed, step, micro, tr.rank, 7919))  # LoRA dropouts
         batch = tr.data.micro_batch(step, micro, tr.rank)
@@ -368,40 +408,17 @@ def train_step(tr: Training, prog: Progress) -> None:
         with torch.autocast(tr.device.type, dtype=torch.bfloat16, enabled=t_cfg.mixed_precision == "bf16"):
             loss = flux_loss(tr.dit, batch, tr.variant, p, tr.device)
         (loss / t_cfg.gradient_accumulation_steps).backward()
-        loss_sum += loss.detach().float().item() / t_cfg.gradient_accumulation_steps
+        loss_sum += loss.detach().float() / t_cfg.gradient_accumulation_steps
     if tr.world > 1:
         all_reduce_grads(tr.params, tr.world)
-        loss_sum = _mean_over_processes(loss_sum, tr.device)
-    grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, t_cfg.max_grad_norm if t_cfg.max_grad_norm > 0
-                                               else float("inf")).item()
-    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-        tr.optimizer.zero_grad(set_to_none=True)
-        prog.consecutive_bad += 1
-        state.bad_steps += 1
-        if prog.run is not None:
-            prog.run.log_metrics({"bad_steps": state.bad_steps}, step)
-        if prog.consecutive_bad >= t_cfg.max_bad_steps:
-            raise TrainingError(
-                f"step {step}: {prog.consecutive_bad} steps in a row had a non-finite loss or gradient "
-                f"(loss {loss_sum}, grad norm {grad_norm}); likely causes: learning_rate too high "
-                f"({t_cfg.learning_rate:g}), fp8 weights overflowing, or a corrupted cache entry. The last "
-                f"good checkpoint is in {tr.ckpt_dir}")
-        state.step += 1
-        return
-    prog.consecutive_bad = 0
-    tr.optimizer.step()
-    tr.optimizer.zero_grad(set_to_none=True)
-    if tr.ema is not None:
-        tr.ema.update(tr.network)
+        loss_sum = _mean_over_processes(loss_sum)
+    values = optimizer_step(tr.params, tr.optimizer, loss_sum, t_cfg.max_grad_norm)
+    if tr.ema is not None and bool(torch.isfinite(values).all()):
+        tr.ema.update(tr.network)  # its update count lives on the host: with an EMA, one read per step
     state.step += 1
-    prog.loss_value = loss_sum
-    elapsed = time.perf_counter() - start
-    if tr.main:
-        metrics = {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed,
-                   "samples_per_s": items / elapsed, "peak_memory_gib": peak_memory_gib(tr.device)}
-        prog.history.append((state.step, loss_sum, lr))
-        if state.step % t_cfg.log_every_n_steps == 0:
-            prog.run.log_metrics(metrics, state.step)
+    prog.pending.append(QueuedStep(step, lr, values, start, time.perf_counter(), items))
+    if state.step % t_cfg.log_every_n_steps == 0:
+        read_steps(tr, prog, keep=1)
     if state.step == tr.steps_total:
         return  # finish() writes the LoRA, the last checkpoint and the samples
     # The epoch this step completed (0 inside an epoch); epochs are batches_per_epoch optimizer steps.
@@ -419,10 +436,76 @@ def _every(n: int, count: int) -> bool:
     return bool(n) and count > 0 and count % n == 0
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` can skip a step by a device flag: torch's fused optimizers (AdamW, Adam, SGD, Adagrad
+    with fused=True; the adamw default) take `found_inf` as torch.amp.GradScaler hands it to them."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        group.get("fused") for group in optimizer.param_groups)
+
+
+def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                   max_grad_norm: float) -> torch.Tensor:
+    """Clip the gradients and step, unless the loss or the gradient norm is not finite: then the weights and the
+    optimizer state stay exactly as they were. Returns [loss, grad norm] on the device.
+
+    With a fused optimizer the step runs with `found_inf` = not finite, and its kernel leaves everything untouched
+    when it is set (the step count too), so no NaN ever reaches the weights and the host never waits. Other
+    optimizers read the flag on the host (one sync per step)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    values = torch.stack([loss.float(), grad_norm.to(loss.device, torch.float32)])
+    finite = torch.isfinite(values).all()
+    if skips_on_device(optimizer):
+        optimizer.found_inf = (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif finite.item():
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return values
+
+
+def read_steps(tr: Training, prog: Progress, keep: int = 0) -> None:
+    """Read the queued steps' loss and gradient norm from the device in one transfer (all but the newest `keep`)
+    and account for them in order: loss history, MLflow metrics, bad-step counting. Raises TrainingError when
+    `max_bad_steps` steps in a row were not finite (they were skipped; the message names the step)."""
+    t_cfg, state = tr.p.train, prog.state
+    ready = prog.pending[: max(0, len(prog.pending) - keep)]
+    if not ready:
+        return
+    del prog.pending[: len(ready)]
+    for queued, (loss, grad_norm) in zip(ready, torch.stack([q.values for q in ready]).tolist()):
+        elapsed = queued.end - max(queued.start, prog.last_end)  # from the previous step's end: device time
+        prog.last_end = queued.end
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            prog.consecutive_bad += 1
+            state.bad_steps += 1
+            if prog.run is not None:
+                prog.run.log_metrics({"bad_steps": state.bad_steps}, queued.step)
+            if prog.consecutive_bad >= t_cfg.max_bad_steps:
+                raise TrainingError(
+                    f"step {queued.step}: {prog.consecutive_bad} steps in a row had a non-finite loss or gradient "
+                    f"(loss {loss}, grad norm {grad_norm}); likely causes: learning_rate too high "
+                    f"({t_cfg.learning_rate:g}), fp8 weights overflowing, or a corrupted cache entry. The last "
+                    f"good checkpoint is in {tr.ckpt_dir}")
+            continue
+        prog.consecutive_bad = 0
+        prog.loss_value = loss
+        if tr.main:
+            done = queued.step + 1
+            prog.history.append((done, loss, queued.lr))
+            if done % t_cfg.log_every_n_steps == 0:
+                prog.run.log_metrics({"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "step_time_s": elapsed,
+                                      "samples_per_s": (queued.items or tr.data.global_batch) / elapsed,
+                                      "peak_memory_gib": peak_memory_gib(tr.device)}, done)
+
+
 def finish(tr: Training, prog: Progress) -> TrainResult:
     """The LoRA file (kohya form, with the training's metadata), the last checkpoint, the final samples,
     metrics/train.json and the MLflow artifacts."""
     p, t_cfg, state, run = tr.p, tr.p.train, prog.state, prog.run
+    read_steps(tr, prog)
     out_dir = tr.base / t_cfg.output_dir
     lora_path = out_dir / f"{t_cfg.output_name}.safetensors"
     if tr.main:
@@ -470,12 +553,12 @@ def _save_loras(tr: Training, path: Path, state: TrainState) -> list[Path]:
     return [path, ema_path(path)]
 
 
-def _mean_over_processes(value: float, device: torch.device) -> float:
+def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
-    t = torch.tensor([value], device=device if device.type == "cuda" else "cpu", dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).item()
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
 
 
 def _read_history(path: Path, upto: int) -> list[tuple[int, float, float]]:
@@ -490,6 +573,7 @@ def _read_history(path: Path, upto: int) -> list[tuple[int, float, float]]:
 
 
 def _checkpoint(tr: Training, prog: Progress, run) -> None:
+    read_steps(tr, prog)  # every process: the bad-step count is part of the state
     if not tr.main:
         return
     # The loss history and the MLflow metrics first: a checkpoint means "resume after this step", so a kill

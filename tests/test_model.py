@@ -118,7 +118,7 @@ def test_no_biases_and_interleaved_rope_pairs():
     model = random_model(VARIANTS["tiny"])
     assert not any(re.search(r"\.bias$", k) for k in model.state_dict())
     # RoPE rotates adjacent pairs: position 0 on every axis is the identity.
-    q = torch.randn(1, 1, 3, VARIANTS["tiny"].head_dim)
+    q = torch.randn(1, 3, 1, VARIANTS["tiny"].head_dim)  # (B, N, heads, D)
     cos, sin = model.pe_embedder(torch.zeros(1, 3, 4, dtype=torch.long))
     from flux2.model import apply_rope
 
