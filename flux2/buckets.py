@@ -62,3 +62,31 @@ def select_bucket(image_width: int, image_height: int, resolution: int | list[in
     if no_upscale and image_width * image_height <= width * height:
         return max(step, floor_to(image_width, step)), max(step, floor_to(image_height, step))
     return nearest_bucket(image_width, image_height, bucket_resolutions(width, height, step))
+
+
+def fit_area(width: int, height: int, max_area: int | None, multiple: int = STEP) -> tuple[int, int]:
+    """The size (w, h) an image of width x height is brought to: scaled down (aspect kept) to at most max_area
+    pixels when it is larger, then each side floored to a multiple of `multiple`."""
+    if max_area is not None and width * height > max_area:
+        s = math.sqrt(max_area / (width * height))
+        width, height = width * s, height * s
+    return max(multiple, int(width) // multiple * multiple), max(multiple, int(height) // multiple * multiple)
+
+
+def control_bucket(control_width: int, control_height: int, item_bucket: tuple[int, int],
+                   no_resize: bool = False, control_resolution: int | list[int] | tuple[int, int] | None = None,
+                   step: int = STEP) -> tuple[int, int]:
+    """The (width, height) a reference (control) image of control_width x control_height is trained at, by
+    musubi-tuner's rules for FLUX.2 edit datasets:
+
+    - neither option: the bucket of the item it belongs to;
+    - no_resize: its own size, each side floored to `step`;
+    - control_resolution: the nearest-aspect bucket of that target area (its own aspect kept);
+    - both: its own size (floored) while its area is within control_resolution's, else scaled down to that area.
+    """
+    if control_resolution is None:
+        return fit_area(control_width, control_height, None, step) if no_resize else tuple(item_bucket)
+    width, height = target_size(control_resolution)
+    if no_resize:
+        return fit_area(control_width, control_height, width * height, step)
+    return nearest_bucket(control_width, control_height, bucket_resolutions(width, height, step))

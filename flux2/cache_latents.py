@@ -1,13 +1,16 @@
 """Stage `cache_latents`: every manifest item (and each of its control images) encoded by the autoencoder once.
 
 An image is resized to cover its item's bucket and centre-cropped (`images.resize_cover_crop`); a control image
-is brought to the bucket of the item it belongs to the same way. The latent (128, H/16, W/16) is stored under
-`latent_key`: a hash of the image bytes (sha256), the size, the crop rule, the autoencoder's fingerprint and
-the dtype, so the same image at the same size is stored once, whatever item or role it has.
+is brought the same way to the size ingest chose for it (its item's bucket, or by the source's no_resize_control
+/ control_resolution its own size or bucket). The latent (128, H/16, W/16) is stored under `latent_key`: a hash
+of the image bytes (sha256), the size, the crop rule, the autoencoder's fingerprint and the dtype, so the same
+image at the same size is stored once, whatever item or role it has (an image at two resolutions: twice).
+A loss mask is resized and cropped like its image, then averaged over each 16x16 patch: (1, H/16, W/16) weights
+in [0, 1] under `mask_key`.
 
 Besides the shards and the index (flux2.cache_store), the folder holds `items.parquet`: one row per manifest
-item (id, split, bucket, latent_key, control_keys), which training and evaluation read instead of recomputing
-keys. See docs/caching.md.
+item (id, split, bucket, latent_key, control_keys, mask_key), which training and evaluation read instead of
+recomputing keys. See docs/caching.md.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from flux2.loading import resolve_device
 from flux2.variants import Variant, get_variant
 
 if TYPE_CHECKING:
-    from flux2.params import DatasetParams
+    from flux2.params import DatasetParams, EvalParams
 
 ITEMS_FILE = "items.parquet"
 # The resize rule (scale to cover, LANCZOS up / BOX down, centre crop): bump it if resize_cover_crop changes.
@@ -40,6 +43,7 @@ ITEMS_SCHEMA = pa.schema([
     ("bucket_height", pa.int32()),
     ("latent_key", pa.string()),
     ("control_keys", pa.list_(pa.string())),
+    ("mask_key", pa.string()),  # null: no mask
 ])
 
 
@@ -69,6 +73,7 @@ class ItemLatents:
     control_keys: list[str]
     bucket: tuple[int, int]  # (width, height)
     split: str
+    mask_key: str | None = None
 
 
 def ae_fingerprint(vae: str | Path) -> str:
@@ -87,6 +92,12 @@ def latent_key(image_sha256: str, width: int, height: int, ae_fingerprint: str, 
                         "crop": CROP_RULE, "ae": ae_fingerprint, "dtype": dtype})
 
 
+def mask_key(mask_sha256: str, alpha: bool, width: int, height: int, dtype: str = "float32") -> str:
+    """The key of a loss mask (a mask file, or the alpha channel of an image) at bucket width x height."""
+    return content_key({"kind": "mask", "mask_sha256": mask_sha256, "alpha": bool(alpha), "width": int(width),
+                        "height": int(height), "crop": CROP_RULE, "dtype": dtype})
+
+
 def latents_meta(variant: Variant, ae_fp: str, dtype: str) -> dict[str, str]:
     """The fingerprints every shard and the index carry."""
     return {"kind": "latents", "variant": variant.name, "arch": variant.arch, "ae_fingerprint": ae_fp,
@@ -96,26 +107,37 @@ def latents_meta(variant: Variant, ae_fp: str, dtype: str) -> dict[str, str]:
 
 def plan_latents(rows: list[dict[str, Any]], base: Path, ae_fp: str, dtype: str
                  ) -> tuple[list[Job], list[dict[str, Any]]]:
-    """(jobs, item map rows): one job per distinct (image, bucket), controls included."""
+    """(jobs, item map rows): one job per distinct (image, size), controls and masks included. A job's payload is
+    (path, sha256, size, kind): kind "image", or "mask" / "alpha" (a mask file / an image's alpha channel)."""
     jobs: list[Job] = []
     items = []
     for row in rows:
         size = (int(row["bucket_width"]), int(row["bucket_height"]))
         key = latent_key(row["sha256"], *size, ae_fp, dtype)
-        jobs.append(Job(key, (base / row["image_path"], row["sha256"], size), group=size, label=row["id"]))
+        jobs.append(Job(key, (base / row["image_path"], row["sha256"], size, "image"), group=size, label=row["id"]))
         control_keys = []
         for i, c in enumerate(row.get("controls") or []):
-            ckey = latent_key(c["sha256"], *size, ae_fp, dtype)
-            jobs.append(Job(ckey, (base / c["path"], c["sha256"], size), group=size, label=f"{row['id']}/control{i}"))
+            csize = (int(c.get("bucket_width") or size[0]), int(c.get("bucket_height") or size[1]))
+            ckey = latent_key(c["sha256"], *csize, ae_fp, dtype)
+            jobs.append(Job(ckey, (base / c["path"], c["sha256"], csize, "image"), group=csize,
+                            label=f"{row['id']}/control{i}"))
             control_keys.append(ckey)
+        mkey = None
+        if row.get("mask"):
+            m = row["mask"]
+            mkey = mask_key(m["sha256"], m["alpha"], *size, dtype)
+            kind = "alpha" if m["alpha"] else "mask"
+            jobs.append(Job(mkey, (base / m["path"], m["sha256"], size, kind), group=("mask", size),
+                            label=f"{row['id']}/mask"))
         items.append({"id": row["id"], "split": row["split"], "bucket_width": size[0], "bucket_height": size[1],
-                      "latent_key": key, "control_keys": control_keys})
+                      "latent_key": key, "control_keys": control_keys, "mask_key": mkey})
     return jobs, items
 
 
-def load_image(path: Path, sha256: str, size: tuple[int, int]) -> torch.Tensor:
-    """(3, H, W) in [-1, 1] at the bucket size; CacheError if the file changed since ingest."""
-    from flux2.images import open_rgb, resize_cover_crop, to_tensor
+def load_image(path: Path, sha256: str, size: tuple[int, int], kind: str = "image") -> torch.Tensor:
+    """(3, H, W) in [-1, 1] at the bucket size, or for a mask (kind "mask" / "alpha") (1, H, W) in [0, 1];
+    CacheError if the file changed since ingest."""
+    from flux2.images import open_mask, open_rgb, resize_cover_crop, to_tensor
 
     try:
         data = path.read_bytes()
@@ -124,7 +146,10 @@ def load_image(path: Path, sha256: str, size: tuple[int, int]) -> torch.Tensor:
     if hashlib.sha256(data).hexdigest() != sha256:
         raise CacheError(f"{path} changed since ingest (its sha256 differs from the manifest's); rerun ingest "
                          f"(dvc repro) before caching")
-    return to_tensor(resize_cover_crop(open_rgb(path), *size))
+    if kind == "image":
+        return to_tensor(resize_cover_crop(open_rgb(path), *size))
+    mask = resize_cover_crop(open_mask(path, alpha=kind == "alpha"), *size)
+    return torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).reshape(1, size[1], size[0]) / 255.0
 
 
 def process_device(device: str, dist: Dist) -> torch.device:
@@ -150,14 +175,17 @@ def cache_latents(cfg: LatentsConfig, dist: Dist | None = None) -> dict[str, Any
     dtype = DTYPES[cfg.vae_dtype]
     ae = None
 
-    def load(batch: list[Job]) -> torch.Tensor:
-        return torch.stack([load_image(*job.payload) for job in batch])
+    def load(batch: list[Job]) -> tuple[bool, torch.Tensor]:
+        return batch[0].payload[3] != "image", torch.stack([load_image(*job.payload) for job in batch])
 
     def prepare() -> None:
         nonlocal ae
         ae = load_ae(cfg.vae, variant, device=device, dtype=dtype)
 
-    def encode(pixels: torch.Tensor) -> torch.Tensor:
+    def encode(inputs: tuple[bool, torch.Tensor]) -> torch.Tensor:
+        is_mask, pixels = inputs
+        if is_mask:  # the share of each latent token's 16x16 patch that is learned
+            return torch.nn.functional.avg_pool2d(pixels, variant.ae.downscale).to(dtype)
         with torch.no_grad():
             latents = ae.encode(pixels.to(device, dtype)).to(dtype)
         bad = ~torch.isfinite(latents).flatten(1).all(1)
@@ -211,7 +239,7 @@ def read_item_map(cache_dir: str | Path) -> dict[str, ItemLatents]:
     """Manifest item id -> ItemLatents, from the latents cache's items.parquet."""
     rows = read_mapping(Path(cache_dir) / ITEMS_FILE, "cache_latents")
     return {r["id"]: ItemLatents(r["latent_key"], list(r["control_keys"]), (r["bucket_width"], r["bucket_height"]),
-                                 r["split"]) for r in rows}
+                                 r["split"], r.get("mask_key")) for r in rows}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -220,18 +248,19 @@ def read_item_map(cache_dir: str | Path) -> dict[str, ItemLatents]:
 
 def config_from_args(args: argparse.Namespace) -> LatentsConfig:
     """LatentsConfig from `flux2 cache-latents` options, over params.yaml when --params is given."""
-    from flux2.params import CacheParams, DatasetParams, ModelParams
+    from flux2.params import CacheParams, DatasetParams, EvalParams, ModelParams
 
-    model, cache, dataset, base = ModelParams(), CacheParams(), DatasetParams(), Path(".")
+    model, cache, dataset, evals, base = ModelParams(), CacheParams(), DatasetParams(), EvalParams(), Path(".")
     if args.params:
         from flux2.params import load_params
 
         params = load_params(args.params, check_paths=False)
-        model, cache, dataset, base = params.model, params.cache, params.dataset, Path(args.params).parent
+        model, cache, dataset, evals = params.model, params.cache, params.dataset, params.eval
+        base = Path(args.params).parent
     elif args.vae is None or args.model_version is None:
         raise ValueError("cache-latents needs --params params.yaml, or --vae and --model_version (with --manifest "
                          "or --dataset_config)")
-    manifest = resolve_manifest(args, base, dataset, "cache-latents")
+    manifest = resolve_manifest(args, base, dataset, evals, "cache-latents")
     return LatentsConfig(
         manifest=manifest, base=base,
         cache_dir=Path(args.cache_dir) if args.cache_dir else base / cache.latents_dir,
@@ -243,27 +272,28 @@ def config_from_args(args: argparse.Namespace) -> LatentsConfig:
         report=Path(args.report) if args.report else base / "reports" / "cache_latents.json")
 
 
-def resolve_manifest(args: argparse.Namespace, base: Path, dataset: DatasetParams, command: str) -> Path:
-    """The manifest a cache command reads: --manifest, else params.yaml's; with --dataset_config (a musubi TOML,
-    no params.yaml), ingested into it first. Shared by cache-latents and cache-text."""
+def resolve_manifest(args: argparse.Namespace, base: Path, dataset: DatasetParams, evals: EvalParams,
+                     command: str) -> Path:
+    """The manifest a cache command reads: --manifest, else params.yaml's; with --dataset_config (a musubi TOML:
+    the dataset, in place of params.yaml's sources), ingested into it first. Shared by cache-latents and
+    cache-text."""
+    import dataclasses
+
     manifest = Path(args.manifest) if args.manifest else base / dataset.manifest
     if args.dataset_config:
-        if args.params:
-            raise ValueError("--dataset_config ingests a musubi TOML without params.yaml; with --params, list the "
-                             "TOML as dataset.toml and run the ingest stage")
-        run_ingest(args.dataset_config, manifest)
+        run_ingest(dataclasses.replace(dataset, sources=[], toml=str(Path(args.dataset_config).absolute()),
+                                       manifest=str(manifest.absolute())), evals, base)
     elif not args.params and not args.manifest:
         raise ValueError(f"{command} needs --manifest (from flux2 ingest) or --dataset_config TOML")
     return manifest
 
 
-def run_ingest(dataset_config: str, manifest: Path) -> None:
-    """Ingest a musubi TOML into `manifest` (images relative to the current folder), once per run."""
+def run_ingest(dataset: DatasetParams, evals: EvalParams, base: Path) -> None:
+    """Ingest `dataset` (a musubi TOML given on the command line) into its manifest, on the main process only;
+    image paths relative to `base` (params.yaml's folder, else the current one)."""
     from flux2.ingest import ingest
-    from flux2.params import DatasetParams
 
     dist = Dist()
     if dist.rank == 0:
-        ingest(DatasetParams(toml=str(Path(dataset_config).absolute()), manifest=str(manifest.absolute())),
-               base=Path("."))
+        ingest(dataset, evals.holdout_fraction, base=base, holdout_min_items=evals.holdout_min_items)
     dist.barrier()

@@ -58,16 +58,21 @@ def text_identity(text_encoder: str | Path, variant: Variant, tokenizer: str | P
                   fp8: bool) -> dict[str, str]:
     """What `load_text_encoder(...).identity()` will return, computed from the files without loading the model,
     so a rerun with nothing new never loads the text encoder."""
-    from flux2.text_encoder import (TEMPLATE_VERSION, files_fingerprint, find_tokenizer_dir, resolve_weight_files,
-                                    tokenizer_files)
+    from flux2.text_encoder import TEMPLATE_VERSION
 
-    files = resolve_weight_files(text_encoder)
-    tokenizer_dir = find_tokenizer_dir(files[0].parent, tokenizer)
-    return {"text_encoder": variant.text_encoder,
-            "fingerprint": files_fingerprint(files, tokenizer_files(tokenizer_dir)),
+    return {"text_encoder": variant.text_encoder, "fingerprint": text_fingerprint(text_encoder, tokenizer),
             "text_layers": ",".join(map(str, variant.text_layers)), "max_text_tokens": str(variant.max_text_tokens),
             "template_version": TEMPLATE_VERSION, "dtype": str(dtype).removeprefix("torch."),
             "fp8": str(fp8).lower()}
+
+
+def text_fingerprint(text_encoder: str | Path, tokenizer: str | Path | None = None) -> str:
+    """The fingerprint of the text-encoder weight files and tokenizer files (text_encoder.files_fingerprint), as
+    a text cache records it (`text_fingerprint`): training and evaluation compare theirs with the cache's."""
+    from flux2.text_encoder import files_fingerprint, find_tokenizer_dir, resolve_weight_files, tokenizer_files
+
+    files = resolve_weight_files(text_encoder)
+    return files_fingerprint(files, tokenizer_files(find_tokenizer_dir(files[0].parent, tokenizer)))
 
 
 def text_key(text: str, identity: dict[str, str], stored_dtype: str = "bfloat16") -> str:
@@ -181,7 +186,7 @@ def config_from_args(args: argparse.Namespace) -> TextConfig:
     elif args.text_encoder is None or args.model_version is None:
         raise ValueError("cache-text needs --params params.yaml, or --text_encoder and --model_version (with "
                          "--manifest or --dataset_config)")
-    manifest = resolve_manifest(args, base, dataset, "cache-text")
+    manifest = resolve_manifest(args, base, dataset, evals, "cache-text")
     sample = args.sample_prompts or (str(base / train.sample_prompts) if train.sample_prompts else None)
     tokenizer = args.tokenizer or (str(base / model.tokenizer) if model.tokenizer else None)
     return TextConfig(

@@ -13,6 +13,39 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Show every option's default in --help."""
 
 
+# musubi-tuner options that mean nothing here, accepted so that its commands run as written: name -> (takes a
+# value, why it means nothing). A run that gets any says so once.
+ATTENTION = "attention is always PyTorch's scaled_dot_product_attention, which picks flash / memory-efficient " \
+            "kernels itself"
+LOADER = "batches are read from the caches, with no data-loader workers"
+IGNORED_TRAIN_OPTIONS = {
+    "sdpa": (False, ATTENTION), "flash_attn": (False, ATTENTION), "flash3": (False, ATTENTION),
+    "sage_attn": (False, ATTENTION), "xformers": (False, ATTENTION),
+    "max_data_loader_n_workers": (True, LOADER), "persistent_data_loader_workers": (False, LOADER),
+}
+IGNORED_CACHE_OPTIONS = {
+    "skip_existing": (False, "the cache is content-addressed: entries already in it are always reused"),
+    "keep_cache": (False, "the cache holds what the manifest needs: entries no item uses are always dropped"),
+}
+IGNORED_TEXT_OPTIONS = {**IGNORED_CACHE_OPTIONS, "num_workers": (True, "prompts need no decoding threads")}
+
+
+def add_ignored_options(p: argparse.ArgumentParser, options: dict[str, tuple[bool, str]]) -> None:
+    """The musubi-tuner options of `options`, accepted and ignored (see note_ignored_options)."""
+    g = p.add_argument_group("musubi-tuner options that mean nothing here (accepted, ignored, and said so)")
+    for name, (takes_value, why) in options.items():
+        kw = {"metavar": "N"} if takes_value else {"action": "store_true"}
+        g.add_argument(f"--{name}", dest=f"ignored_{name}", default=None, help=f"ignored: {why}", **kw)
+
+
+def note_ignored_options(args: argparse.Namespace, options: dict[str, tuple[bool, str]]) -> None:
+    """One line naming the ignored options that were given (on the main process only)."""
+    given = [name for name in options if getattr(args, f"ignored_{name}", None) not in (None, False)]
+    if given and os.environ.get("RANK", "0") == "0":
+        reasons = list(dict.fromkeys(options[name][1] for name in given))
+        print(f"note: ignoring {', '.join('--' + n for n in given)}: they mean nothing here ({'; '.join(reasons)})")
+
+
 def add_model_args(p: argparse.ArgumentParser, need_dit: bool = True, need_codecs: bool = True) -> None:
     """The model files. need_codecs=False: --vae and --text_encoder may be left out (generate's
     --save_merged_model only needs the DiT; generate itself says when they are missing)."""
@@ -106,12 +139,15 @@ def add_ingest(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="check and decode every dataset item once; write the manifest and a report",
                        formatter_class=HelpFormatter, argument_default=argparse.SUPPRESS)  # unset: from params
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--params", help="params.yaml: its dataset group and eval.holdout_fraction")
+    source.add_argument("--params", help="params.yaml: its dataset group, eval.holdout_fraction and "
+                                         "eval.holdout_min_items")
     source.add_argument("--dataset_config", help="a musubi-tuner dataset TOML alone (defaults for the rest)")
     p.add_argument("--out", help="manifest path (default: dataset.manifest, data/manifest.parquet)")
     p.add_argument("--report", help="report path (default: dataset.report, reports/ingest.json)")
     p.add_argument("--holdout_fraction", type=float,
                    help="fraction held out for evaluation (default: eval.holdout_fraction, 0.1)")
+    p.add_argument("--holdout_min_items", type=int,
+                   help="a dataset of fewer distinct images holds none out (default: eval.holdout_min_items, 20)")
     p.add_argument("--on_error", choices=["skip", "fail"],
                    help="skip bad items and report them, or stop at the first (default: dataset.on_error, skip)")
     p.set_defaults(func=run_ingest)
@@ -127,15 +163,16 @@ def run_ingest(args: argparse.Namespace) -> None:
     opts = vars(args)
     if "params" in opts:
         params = load_params(opts["params"], check_paths=False)
-        dataset, fraction, base = params.dataset, params.eval.holdout_fraction, Path(opts["params"]).parent
+        dataset, evals, base = params.dataset, params.eval, Path(opts["params"]).parent
     else:
         dataset = DatasetParams(toml=str(Path(opts["dataset_config"]).absolute()))
-        fraction, base = EvalParams().holdout_fraction, Path.cwd()
+        evals, base = EvalParams(), Path.cwd()
     changes = {key: str(Path(opts[arg]).absolute()) for key, arg in (("manifest", "out"), ("report", "report"))
                if arg in opts}
     if "on_error" in opts:
         changes["on_error"] = opts["on_error"]
-    ingest(dataclasses.replace(dataset, **changes), opts.get("holdout_fraction", fraction), base)
+    ingest(dataclasses.replace(dataset, **changes), opts.get("holdout_fraction", evals.holdout_fraction), base,
+           holdout_min_items=opts.get("holdout_min_items", evals.holdout_min_items))
 
 
 def add_convert_lora(sub: argparse._SubParsersAction) -> None:
@@ -165,7 +202,8 @@ def add_cache_latents(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--params", default=None, help="params.yaml (model, dataset.manifest, cache groups); options "
                                                   "given here override it")
     p.add_argument("--dataset_config", default=None,
-                   help="a musubi-tuner dataset TOML: ingest it first into --manifest (without --params)")
+                   help="a musubi-tuner dataset TOML as the dataset: ingested first into --manifest (with --params: "
+                        "in place of its dataset.sources)")
     p.add_argument("--manifest", default=None, help="manifest from ingest (default: dataset.manifest, "
                                                     "data/manifest.parquet)")
     p.add_argument("--vae", default=None, help="autoencoder weights (ae.safetensors)")
@@ -178,12 +216,14 @@ def add_cache_latents(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num_workers", type=int, default=2, help="image decoding threads")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: model.device, auto)")
     p.add_argument("--report", default=None, help="JSON report (default: reports/cache_latents.json)")
+    add_ignored_options(p, IGNORED_CACHE_OPTIONS)
     p.set_defaults(func=run_cache_latents)
 
 
 def run_cache_latents(args: argparse.Namespace) -> None:
     from flux2.cache_latents import cache_latents, config_from_args
 
+    note_ignored_options(args, IGNORED_CACHE_OPTIONS)
     cache_latents(config_from_args(args))
 
 
@@ -193,7 +233,8 @@ def add_cache_text(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--params", default=None, help="params.yaml (model, dataset.manifest, cache, eval.prompts, "
                                                   "train.sample_prompts); options given here override it")
     p.add_argument("--dataset_config", default=None,
-                   help="a musubi-tuner dataset TOML: ingest it first into --manifest (without --params)")
+                   help="a musubi-tuner dataset TOML as the dataset: ingested first into --manifest (with --params: "
+                        "in place of its dataset.sources)")
     p.add_argument("--manifest", default=None, help="manifest from ingest (default: dataset.manifest)")
     p.add_argument("--text_encoder", default=None, help="text encoder: a Hugging Face folder or the first file of "
                                                         "a split set")
@@ -213,12 +254,14 @@ def add_cache_text(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard_mb", type=int, default=None, help="shard size limit in MB (default: cache.shard_mb)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: model.device, auto)")
     p.add_argument("--report", default=None, help="JSON report (default: reports/cache_text.json)")
+    add_ignored_options(p, IGNORED_TEXT_OPTIONS)
     p.set_defaults(func=run_cache_text)
 
 
 def run_cache_text(args: argparse.Namespace) -> None:
     from flux2.cache_text import cache_text, config_from_args
 
+    note_ignored_options(args, IGNORED_TEXT_OPTIONS)
     cache_text(config_from_args(args))
 
 
@@ -310,13 +353,26 @@ def add_group_options(p: argparse.ArgumentParser, cls: type, group: str) -> None
 
 
 def params_with_overrides(args: argparse.Namespace):
-    """params.yaml with the command line's `group.field` options applied, validated as a whole."""
+    """params.yaml with the command line's `group.field` options applied, validated as a whole.
+
+    With `--dataset_config TOML` (train), the TOML is the dataset (dataset.toml, no dataset.sources), and without
+    a params.yaml (`--params` not given and none in the current folder) the defaults stand in for it."""
     from pathlib import Path
 
     from flux2.params import ParamsError, check_model_paths, parse_params, read_params_file
 
-    path = Path(args.params)
-    data = read_params_file(path)
+    dataset_config = getattr(args, "dataset_config", None)
+    path = Path(args.params or "params.yaml")
+    if path.is_file():
+        data = read_params_file(path)
+    elif args.params is None and dataset_config:
+        data = {}  # musubi-tuner style: the command line is the whole configuration
+    else:
+        raise ParamsError(f"{path}: not found; pass --params PATH" + (
+            "" if dataset_config or getattr(args, "command", "") != "train" else
+            ", or --dataset_config TOML with the model options (--model_version --dit --vae --text_encoder)"))
+    if dataset_config:
+        data.setdefault("dataset", {}).update(toml=str(Path(dataset_config).absolute()), sources=[])
     for dest, value in vars(args).items():
         if "." in dest:
             group, key = dest.split(".", 1)
@@ -332,17 +388,30 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     from flux2.params import ModelParams, TrainParams
 
     p = sub.add_parser("train", help="train a LoRA on the cached latents and text embeddings",
-                       formatter_class=HelpFormatter)
-    p.add_argument("--params", default="params.yaml", help="params.yaml; the options below override it")
+                       formatter_class=HelpFormatter,
+                       description="musubi-tuner's `accelerate launch ... flux_2_train_network.py OPTIONS` is "
+                                   "`accelerate launch ... -m flux2.cli train OPTIONS` (or `flux2 train OPTIONS`): "
+                                   "its options are accepted as written.")
+    p.add_argument("--params", default=None, help="params.yaml; the options below override it (default: "
+                                                  "./params.yaml; with --dataset_config it may be absent)")
+    p.add_argument("--dataset_config", default=None,
+                   help="a musubi-tuner dataset TOML as the dataset (in place of dataset.sources): ingested into "
+                        "dataset.manifest first; its latents and text must be cached (cache-latents / cache-text "
+                        "with the same TOML)")
     add_group_options(p, ModelParams, "model")
     add_group_options(p, TrainParams, "train")
+    add_ignored_options(p, IGNORED_TRAIN_OPTIONS)
     p.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from flux2.cache_latents import run_ingest
     from flux2.train import train
 
+    note_ignored_options(args, IGNORED_TRAIN_OPTIONS)
     params, base = params_with_overrides(args)
+    if args.dataset_config:
+        run_ingest(params.dataset, params.eval, base)
     train(params, base)
 
 

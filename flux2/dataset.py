@@ -3,7 +3,8 @@
 A source is a folder of images with caption files (`image_directory`) or a manifest (`manifest` /
 musubi-tuner's `image_jsonl_file`: JSONL, CSV or Parquet with `image_path`, `caption` and optional
 `control_path` or `control_path_0`, `control_path_1`, ...). A `control_directory` adds controls matched by file
-stem: `name.*` (one), or `name_0.*`, `name_1.*`, ... (several; `name_0000` also works).
+stem: `name.*` (one), or `name_0.*`, `name_1.*`, ... (several; `name_0000` also works); a `mask_directory` adds
+loss masks by exact stem (`name.*`), and `alpha_mask` takes each image's alpha channel as its mask.
 A musubi-tuner dataset TOML (`[general]` + `[[datasets]]`) becomes the same SourceParams.
 
 Problems visible from the listing alone (a manifest path outside its root, a missing file, no matching
@@ -35,15 +36,16 @@ MANIFEST_EXTENSIONS = (".jsonl", ".csv", ".parquet")
 MAX_MANIFEST_BYTES = 2_000_000_000  # a JSONL / CSV manifest is read whole: ~10 million rows
 MAX_CONFIG_BYTES = 10_000_000
 
-# musubi-tuner's dataset TOML: the keys ingest uses, their musubi defaults, and musubi keys that other stages
-# (or nobody, for FLUX.2 images) care about. Dataset values override [general].
+# musubi-tuner's dataset TOML: the keys we use (musubi's, plus sd-scripts' alpha_mask and our mask_directory), their
+# musubi defaults, and musubi keys that nobody uses for FLUX.2 images. Dataset values override [general].
 MUSUBI_KEYS = ("image_directory", "image_jsonl_file", "control_directory", "resolution", "enable_bucket",
-               "bucket_no_upscale", "num_repeats", "caption_extension")
+               "bucket_no_upscale", "num_repeats", "caption_extension", "batch_size", "no_resize_control",
+               "control_resolution", "mask_directory", "alpha_mask")
 MUSUBI_DEFAULTS = {"resolution": [960, 544], "enable_bucket": False, "bucket_no_upscale": False,
                    "num_repeats": 1, "caption_extension": ".txt"}
 MUSUBI_IGNORED = frozenset({
-    "batch_size", "cache_directory", "skip_corrupted_cache", "debug_dataset", "multiple_target",
-    "no_resize_control", "control_resolution", "fp_latent_window_size", "fp_1f_clean_indices",
+    "cache_directory", "skip_corrupted_cache", "debug_dataset", "multiple_target", "fp_latent_window_size",
+    "fp_1f_clean_indices",
     "fp_1f_target_index", "fp_1f_no_post", "flux_kontext_no_resize_control", "qwen_image_edit_no_resize_control",
     "qwen_image_edit_control_resolution"})
 MUSUBI_VIDEO_KEYS = ("video_directory", "video_jsonl_file")
@@ -62,6 +64,7 @@ class Entry:
     caption: str | None = None  # a manifest's caption text (None: the row has none)
     caption_file: Path | None = None  # a folder's caption file, `<stem><caption_extension>`
     controls: list[Path] = field(default_factory=list)
+    mask: Path | None = None  # the loss mask: a mask_directory file, or the image itself (alpha_mask)
     problem: tuple[str, str] | None = None  # (reason code, detail) found while listing
     where: str = ""  # "manifest.jsonl row 3" for manifest rows, for messages
 
@@ -112,9 +115,10 @@ def load_musubi_toml(path: str | Path, verbose: bool = True) -> list[SourceParam
                 raise DatasetError(f"{where}: unknown key {key!r}; did you mean {near[0]}?")
             ignored.add(key)
         values = {k: v for k, v in merged.items() if k in MUSUBI_KEYS}
-        if isinstance(values.get("resolution"), list) and len(values["resolution"]) == 1:
-            values["resolution"] = values["resolution"][0]
-        for key in ("image_directory", "image_jsonl_file", "control_directory"):
+        for key in ("resolution", "control_resolution"):
+            if isinstance(values.get(key), list) and len(values[key]) == 1:
+                values[key] = values[key][0]
+        for key in ("image_directory", "image_jsonl_file", "control_directory", "mask_directory"):
             if isinstance(values.get(key), str):
                 values[key] = str(_toml_path(values[key], path.parent))
         sources.append(values)
@@ -164,7 +168,7 @@ def collect_sources(dataset: DatasetParams, base: str | Path = ".", verbose: boo
 
 def _absolute(source: SourceParams, base: Path) -> SourceParams:
     changes = {}
-    for key in ("image_directory", "manifest", "image_jsonl_file", "control_directory", "root"):
+    for key in ("image_directory", "manifest", "image_jsonl_file", "control_directory", "mask_directory", "root"):
         value = getattr(source, key)
         if value is not None:
             changes[key] = str((base / Path(value).expanduser()).absolute())
@@ -192,6 +196,13 @@ def list_entries(source: SourceParams, index: int) -> list[Entry]:
                 if not entry.controls:
                     entry.problem = ("control_missing", f"no {entry.image.stem}.* or {entry.image.stem}_0.* in "
                                                         f"{source.control_directory}")
+    if source.mask_directory or source.alpha_mask:
+        masks = _control_index(Path(source.mask_directory), "mask_directory")[0] if source.mask_directory else None
+        for entry in entries:
+            if entry.problem is None:
+                entry.mask = entry.image if masks is None else (masks.get(entry.image.stem) or [None])[0]
+                if entry.mask is None:
+                    entry.problem = ("mask_missing", f"no {entry.image.stem}.* in {source.mask_directory}")
     return entries
 
 
@@ -368,10 +379,11 @@ def _parse_jsonl(text: str, path: Path) -> tuple[list[str], list[dict]]:
     return (list(columns) if rows else ["image_path"]), rows
 
 
-def _control_index(folder: Path) -> tuple[dict[str, list[Path]], dict[str, list[tuple[int, Path]]]]:
-    """Control images by exact stem, and numbered ones (`stem_N`) by base stem."""
+def _control_index(folder: Path, key: str = "control_directory"
+                   ) -> tuple[dict[str, list[Path]], dict[str, list[tuple[int, Path]]]]:
+    """Images of a control (or mask) folder by exact stem, and numbered ones (`stem_N`) by base stem."""
     if not folder.is_dir():
-        raise DatasetError(f"control_directory {folder}: not a folder")
+        raise DatasetError(f"{key} {folder}: not a folder")
     exact: dict[str, list[Path]] = {}
     numbered: dict[str, list[tuple[int, Path]]] = {}
     for p in sorted(folder.iterdir()):

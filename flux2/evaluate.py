@@ -4,7 +4,8 @@
   hold-out item at the fixed timesteps `eval.timesteps`, with noise drawn from (eval.noise_seed, item id,
   timestep index), for the base DiT and with the LoRA: a per-timestep table and the mean. The same inputs give
   the same numbers on every run. The training items get the same treatment: a LoRA that learned anything must
-  lower the loss there.
+  lower the loss there. A dataset too small for a hold-out (eval.holdout_min_items) has its validation loss
+  measured on the training items, and metrics/eval.json says so (`val_loss_split: train`, `val_loss_note`).
 - Sample grid: eval.prompts x eval.seeds, base beside LoRA, with the prompts written on it; hold-out items with
   reference images (edit LoRAs) as extra rows, their caption and control image beside the outputs. Text
   embeddings come from the text cache: no text encoder is loaded.
@@ -38,7 +39,7 @@ from flux2.atomic import atomic_write_json, atomic_write_text
 from flux2.cache_store import CacheError, CacheReader, check_cache_compatible
 from flux2.ema import ema_path
 from flux2.params import Params
-from flux2.train_data import mix_seed
+from flux2.train_data import mix_seed, model_fingerprints
 from flux2.variants import Variant, get_variant
 
 MAX_EDIT_ROWS = 4  # hold-out items with reference images shown in the grid
@@ -218,7 +219,8 @@ def clip_scores(model_dir: str | Path, images: list[Image.Image], prompts: list[
 # ---------------------------------------------------------------------------------------------- outputs
 
 def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """{'val_loss': {'base': 1.0}} -> {'val_loss_base': 1.0}; None values and words (lora_weights) left out."""
+    """{'val_loss': {'base': 1.0}} -> {'val_loss_base': 1.0}; None values and words (lora_weights, notes) left
+    out."""
     out = {}
     for key, value in metrics.items():
         name = f"{prefix}_{key}" if prefix else key
@@ -290,15 +292,19 @@ def run_models(p: Params, base: Path, variant: Variant, lora_path: Path, loss_it
     return tables, sampled
 
 
-def loss_metrics(timesteps: list[float], tables: dict) -> tuple[dict, dict]:
-    """metrics/eval.json's loss entries, and the curves {model: {split: mean loss per timestep}}."""
-    curves = {which: {split: column_means(table, len(timesteps)) for split, table in by_split.items()}
+def loss_metrics(timesteps: list[float], tables: dict, split: str = "holdout", note: str | None = None
+                 ) -> tuple[dict, dict]:
+    """metrics/eval.json's loss entries, and the curves {model: {split: mean loss per timestep}}. The validation
+    loss is that of `split` ("holdout", or "train" when nothing is held out, with `note` saying so)."""
+    curves = {which: {name: column_means(table, len(timesteps)) for name, table in by_split.items()}
               for which, by_split in tables.items()}
-    val = {which: mean(curves[which]["holdout"]) for which in curves}
+    val = {which: mean(curves[which][split]) for which in curves}
     metrics = {
         "val_loss": {"base": val["base"], "lora": val["lora"],
                      "improvement": None if val["base"] is None else val["base"] - val["lora"]},
-        "val_loss_by_t": {f"t{t:g}": {which: curves[which]["holdout"][k] for which in curves}
+        "val_loss_split": split,
+        "val_loss_note": note,
+        "val_loss_by_t": {f"t{t:g}": {which: curves[which][split][k] for which in curves}
                           for k, t in enumerate(timesteps)},
         "train_loss": {which: mean(curves[which]["train"]) for which in curves},
         "items": {split: len(table) for split, table in tables["base"].items()},
@@ -334,10 +340,12 @@ def concept_metric(concept_params, cases: list[GridCase], images: dict[str, list
     return out
 
 
-def write_plots(base: Path, timesteps: list[float], curves: dict, items: dict[str, int], output_name: str
-                ) -> list[Path]:
-    """plots/val_loss.csv and plots/val_loss.png, and plots/loss.png from the training's plots/train_loss.csv."""
-    series = {"base, hold-out": curves["base"]["holdout"], "LoRA, hold-out": curves["lora"]["holdout"],
+def write_plots(base: Path, timesteps: list[float], curves: dict, items: dict[str, int], output_name: str,
+                split: str = "holdout") -> list[Path]:
+    """plots/val_loss.csv and plots/val_loss.png, and plots/loss.png from the training's plots/train_loss.csv.
+    The validation columns (base, lora) are those of `split` (training items when nothing is held out)."""
+    label = "hold-out" if split == "holdout" else "validation on training items (nothing held out)"
+    series = {f"base, {label}": curves["base"][split], f"LoRA, {label}": curves["lora"][split],
               "base, training items": curves["base"]["train"], "LoRA, training items": curves["lora"]["train"]}
     rows = ["t,base,lora,base_train,lora_train"] + [
         ",".join([f"{t:g}"] + ["" if v[k] is None else repr(v[k]) for v in series.values()])
@@ -395,16 +403,22 @@ def evaluate(p: Params, base: Path = Path("."), progress: bool = True) -> dict:
     # Everything is read and checked before the DiT loads.
     latents_dir, text_dir = base / p.cache.latents_dir, base / p.cache.text_dir
     latents, text = CacheReader(latents_dir), CacheReader(text_dir)
-    check_cache_compatible(latents, variant, "latents")
-    check_cache_compatible(text, variant, "text")
+    ae_fp, text_fp = model_fingerprints(p.model, base)
+    check_cache_compatible(latents, variant, "latents", fingerprint=ae_fp)
+    check_cache_compatible(text, variant, "text", fingerprint=text_fp)
     prompt_map = read_prompt_map(text_dir)
     if "" not in prompt_map:
         raise CacheError(f"{text_dir} has no empty-prompt embedding: rerun cache_text")
     manifest = base / p.dataset.manifest
     holdout = read_items(manifest, latents_dir, prompt_map, "holdout")
     train_items = read_items(manifest, latents_dir, prompt_map, "train")
+    split, note = "holdout", None
     if not holdout:
-        print("warning: the manifest has no hold-out items (eval.holdout_fraction 0?): no validation loss")
+        split = "train"
+        note = (f"nothing is held out (eval.holdout_fraction {e.holdout_fraction:g}, or fewer images than "
+                f"eval.holdout_min_items {e.holdout_min_items}): the validation loss is measured on the training "
+                f"items at the fixed timesteps")
+        print(f"note: {note}")
     settings = variant.sample_settings(*(e.image_size or (None, None)), e.infer_steps, e.guidance_scale)
     cases = grid_cases(e.prompts, [settings.height, settings.width], prompt_map, holdout, latents,
                        variant.ae.downscale)
@@ -418,7 +432,7 @@ def evaluate(p: Params, base: Path = Path("."), progress: bool = True) -> dict:
     free(ae)
     del ae
 
-    metrics, curves = loss_metrics(e.timesteps, tables)
+    metrics, curves = loss_metrics(e.timesteps, tables, split, note)
     metrics["lora_weights"] = weights
     if e.clip_model:
         metrics["clip_score"] = clip_metric(base / e.clip_model, cases, images, device)
@@ -429,13 +443,14 @@ def evaluate(p: Params, base: Path = Path("."), progress: bool = True) -> dict:
     grid_path = plots.save_image(build_grid(cases, e.seeds, images, base, title), base / e.output_dir / "grid.png")
     metrics_path = base / "metrics" / "eval.json"
     atomic_write_json(metrics_path, metrics)
-    plot_paths = write_plots(base, e.timesteps, curves, metrics["items"], p.train.output_name)
+    plot_paths = write_plots(base, e.timesteps, curves, metrics["items"], p.train.output_name, split)
     run_id = log_to_mlflow(p, summary, metrics, [metrics_path, grid_path], plot_paths)
 
     def change(pair: dict) -> str:
         return "n/a" if pair["base"] is None else f"{pair['base']:.4f} -> {pair['lora']:.4f}"
 
-    print(f"evaluated {lora_path} in {time.perf_counter() - t0:.1f} s: loss base -> LoRA on hold-out items "
+    print(f"evaluated {lora_path} in {time.perf_counter() - t0:.1f} s: loss base -> LoRA on "
+          f"{'hold-out' if split == 'holdout' else 'no hold-out'} items "
           f"{change(metrics['val_loss'])}, on training items {change(metrics['train_loss'])}; wrote {metrics_path}, "
           f"{grid_path}" + (f"; MLflow run {run_id}" if run_id else ""))
     return metrics

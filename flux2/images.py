@@ -1,13 +1,13 @@
 """Pixels: opening user images safely, resizing to a bucket, and converting to and from [-1, 1] tensors."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from flux2.buckets import fit_area  # noqa: F401  (re-exported: generate sizes references with it)
 from flux2.user_files import UserFileError, open_regular
 
 # Refuse decompression bombs early, with our own message (see open_rgb).
@@ -24,6 +24,28 @@ def open_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
     Raises ImageError naming the file when it cannot be read or is larger than `max_pixels`.
     """
+    return _decode(path, max_pixels, to_rgb)
+
+
+def open_mask(path: str | Path, alpha: bool = False, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A loss mask as 8-bit greyscale ("L", white = learn, black = ignore), EXIF orientation applied: a mask image
+    (any mode, as luma), or with `alpha` the alpha channel of the image at `path`. Raises ImageError naming the
+    file when it cannot be read, or (alpha) when the image has no alpha channel."""
+    def convert(im: Image.Image) -> Image.Image:
+        if not alpha:
+            return to_rgb(im).convert("L")
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        if im.mode not in ("RGBA", "LA", "PA", "La", "RGBa"):
+            raise ImageError(f"{path}: has no alpha channel (mode {im.mode}); save it with transparency, or give "
+                             f"the masks in a mask_directory instead of alpha_mask")
+        return im.getchannel("A")
+
+    return _decode(path, max_pixels, convert)
+
+
+def _decode(path: str | Path, max_pixels: int, convert) -> Image.Image:
+    """`convert(image)` of the fully decoded, EXIF-oriented image; every failure is an ImageError naming the file."""
     path = Path(path)
     try:
         with open_regular(path) as f, Image.open(f) as im:
@@ -32,7 +54,7 @@ def open_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
                 raise ImageError(f"{path}: {w}x{h} is over the {max_pixels:,}-pixel limit; downscale it first")
             im.load()
             im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
+            return convert(im)
     except ImageError:
         raise
     except UserFileError as e:  # a FIFO or device named like an image: never opened by PIL
@@ -71,15 +93,6 @@ def resize_cover_crop(im: Image.Image, width: int, height: int) -> Image.Image:
         im = im.resize((new_w, new_h), resample=resample)
     left, top = (new_w - width) // 2, (new_h - height) // 2
     return im.crop((left, top, left + width, top + height))
-
-
-def fit_area(width: int, height: int, max_area: int | None, multiple: int = 16) -> tuple[int, int]:
-    """The size (w, h) an image of width x height is brought to: scaled down (aspect kept) to at most max_area
-    pixels when it is larger, then each side floored to a multiple of `multiple`."""
-    if max_area is not None and width * height > max_area:
-        s = math.sqrt(max_area / (width * height))
-        width, height = width * s, height * s
-    return max(multiple, int(width) // multiple * multiple), max(multiple, int(height) // multiple * multiple)
 
 
 def to_tensor(im: Image.Image) -> Tensor:

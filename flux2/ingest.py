@@ -18,10 +18,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from flux2.atomic import atomic_path, atomic_write_json, sha256_file
-from flux2.buckets import select_bucket, target_size
+from flux2.buckets import control_bucket, select_bucket, target_size
 from flux2.dataset import Entry, collect_sources, describe, list_entries
-from flux2.images import ImageError, open_rgb
-from flux2.params import DatasetParams, SourceParams
+from flux2.images import ImageError, open_mask, open_rgb
+from flux2.params import DatasetParams, EvalParams, SourceParams
 from flux2.user_files import FileTooLarge, UserFileError, check_writable, open_regular, printable, read_limited, \
     utf8_problem
 
@@ -47,13 +47,19 @@ REASONS = {
                         "hundred tokens)",
     "control_missing": "a control image is missing",
     "control_unreadable": "a control image cannot be decoded",
-    "duplicate": "the same image bytes as an earlier item",
+    "duplicate": "the same image bytes at the same bucket as an earlier item",
+    "mask_missing": "the mask image is missing (alpha_mask: the image has no alpha channel)",
+    "mask_unusable": "a mask cannot be decoded, differs in size from its image, or masks out everything",
 }
 
 CONTROL_TYPE = pa.struct([("path", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
-                          ("height", pa.int32())])
+                          ("height", pa.int32()),
+                          ("bucket_width", pa.int32()),  # the size it is trained at (buckets.control_bucket)
+                          ("bucket_height", pa.int32())])
+MASK_TYPE = pa.struct([("path", pa.string()), ("sha256", pa.string()),
+                       ("alpha", pa.bool_())])  # true: the alpha channel of the image at `path`
 MANIFEST_SCHEMA = pa.schema([
-    ("id", pa.string()),  # sha256[:16] of the image file: stable across machines and renames
+    ("id", pa.string()),  # sha256[:16] of the image file (+ "-WxH" for the same image at a further bucket)
     ("image_path", pa.string()),  # relative to the project folder (params.yaml's) when inside it, else absolute
     ("sha256", pa.string()),
     ("caption", pa.string()),
@@ -65,6 +71,8 @@ MANIFEST_SCHEMA = pa.schema([
     ("num_repeats", pa.int32()),
     ("source", pa.int32()),  # index into the dataset's sources
     ("controls", pa.list_(CONTROL_TYPE)),
+    ("batch_size", pa.int32()),  # the source's batch_size; null: train.batch_size
+    ("mask", MASK_TYPE),  # the loss mask; null: none
 ], metadata={"flux2_manifest": "1"})
 
 
@@ -87,6 +95,15 @@ class Control:
     sha256: str
     width: int
     height: int
+    bucket_width: int = 0  # set from the source's control rules once the item's bucket is known
+    bucket_height: int = 0
+
+
+@dataclass
+class Mask:
+    path: str
+    sha256: str
+    alpha: bool
 
 
 @dataclass
@@ -105,6 +122,8 @@ class Item:
     num_repeats: int
     source: int
     controls: list[Control] = field(default_factory=list)
+    batch_size: int | None = None
+    mask: Mask | None = None
 
 
 @dataclass
@@ -121,6 +140,9 @@ class IngestResult:
     found: int
     manifest: Path
     report: Path
+    images: int = 0  # distinct images (an image at several resolutions is several items)
+    holdout_min_items: int = 0
+    holdout_skipped: bool = False  # too few images for a hold-out split: every item trains
 
     def buckets(self) -> dict[str, int]:
         """"WxH" -> item count, largest area first."""
@@ -129,10 +151,16 @@ class IngestResult:
 
 
 def ingest(dataset: DatasetParams, holdout_fraction: float = 0.1, base: str | Path = ".",
-           progress: bool = True) -> IngestResult:
+           progress: bool = True, holdout_min_items: int | None = None) -> IngestResult:
     """Ingest every source of `dataset`; write the manifest and the report (paths relative to `base`, the
     folder of params.yaml). Returns what was written. Raises IngestError when nothing is usable, or at the first
-    bad item with `on_error: fail`; DatasetError / ParamsError for a source that cannot be read at all."""
+    bad item with `on_error: fail`; DatasetError / ParamsError for a source that cannot be read at all.
+
+    An image listed by several sources at different buckets (the same pictures at several resolutions) is one
+    item per bucket; at the same bucket it is a duplicate. Fewer than `holdout_min_items` distinct images
+    (default: eval.holdout_min_items' default) hold nothing out."""
+    if holdout_min_items is None:
+        holdout_min_items = EvalParams().holdout_min_items
     if not 0.0 <= holdout_fraction < 1.0:
         raise IngestError(f"holdout_fraction: must be in [0, 1), got {holdout_fraction}")
     base = Path(base).absolute()
@@ -149,13 +177,18 @@ def ingest(dataset: DatasetParams, holdout_fraction: float = 0.1, base: str | Pa
 
     items: list[Item] = []
     rejected: list[Rejection] = []
-    first_of: dict[str, str] = {}  # sha256 -> image_path of the item that was kept
+    first_of: dict[tuple, str] = {}  # (sha256, bucket) -> image_path of the item that was kept
+    seen: set[str] = set()  # sha256 of every image kept
     for entry in tqdm(entries, desc="ingest", unit="item", disable=not progress, dynamic_ncols=True):
         name = _entry_name(entry, base)
         try:
             item = check_entry(entry, sources[entry.source], dataset, base)
-            if item.sha256 in first_of:
-                raise Rejected("duplicate", f"same image as {first_of[item.sha256]}")
+            bucket = (item.bucket_width, item.bucket_height)
+            if (item.sha256, bucket) in first_of:
+                raise Rejected("duplicate", f"same image as {first_of[item.sha256, bucket]} at the same bucket "
+                                            f"{bucket[0]}x{bucket[1]}")
+            if item.sha256 in seen:  # the same image at a further resolution
+                item.id = f"{item.id}-{bucket[0]}x{bucket[1]}"
         except Rejected as r:
             name, detail = printable(name), printable(r.detail)  # a non-UTF-8 name must still fit the report
             if dataset.on_error == "fail":
@@ -164,13 +197,18 @@ def ingest(dataset: DatasetParams, holdout_fraction: float = 0.1, base: str | Pa
                                   ) from None
             rejected.append(Rejection(name, r.reason, detail))
             continue
-        first_of[item.sha256] = item.image_path
+        first_of[item.sha256, bucket] = item.image_path
+        seen.add(item.sha256)
         items.append(item)
 
     items.sort(key=lambda i: (i.source, i.image_path))
-    for item, split in zip(items, holdout_split([i.sha256 for i in items], holdout_fraction)):
-        item.split = split
-    result = IngestResult(items, rejected, len(entries), manifest, report)
+    images = sorted({i.sha256 for i in items})
+    # Every item of one image lands on the same side: an image trained at 512 px is no hold-out at 1024 px.
+    skipped = holdout_fraction > 0 and len(images) < holdout_min_items
+    split_of = dict(zip(images, holdout_split(images, 0.0 if skipped else holdout_fraction)))
+    for item in items:
+        item.split = split_of[item.sha256]
+    result = IngestResult(items, rejected, len(entries), manifest, report, len(images), holdout_min_items, skipped)
     report_data = build_report(result, sources, dataset, holdout_fraction, base)
     if not items:
         atomic_write_json(report, report_data)
@@ -192,10 +230,16 @@ def check_entry(entry: Entry, source: SourceParams, dataset: DatasetParams, base
     width, height, sha = check_image(entry.image, dataset.min_side, dataset.max_pixels)
     caption = read_caption(entry)
     controls = [check_control(p, dataset.max_pixels, base) for p in entry.controls]
+    mask = check_mask(entry.mask, source.alpha_mask, (width, height), dataset.max_pixels, base) if entry.mask \
+        else None
     bucket = select_bucket(width, height, source.resolution, source.enable_bucket, source.bucket_no_upscale)
+    for c in controls:
+        c.bucket_width, c.bucket_height = control_bucket(c.width, c.height, bucket, source.no_resize_control,
+                                                         source.control_resolution)
     return Item(id=sha[:16], image_path=relative(entry.image, base), sha256=sha, caption=caption, width=width,
                 height=height, bucket_width=bucket[0], bucket_height=bucket[1], split="train",
-                num_repeats=source.num_repeats, source=entry.source, controls=controls)
+                num_repeats=source.num_repeats, source=entry.source, controls=controls,
+                batch_size=source.batch_size, mask=mask)
 
 
 def check_image(path: Path, min_side: int, max_pixels: int) -> tuple[int, int, str]:
@@ -239,6 +283,24 @@ def check_control(path: Path, max_pixels: int, base: Path) -> Control:
     except ImageError as e:
         raise Rejected("control_unreadable", f"{relative(path, base)}: {_strip_path(e, path)}") from None
     return Control(relative(path, base), sha256_file(path), im.width, im.height)
+
+
+def check_mask(path: Path, alpha: bool, size: tuple[int, int], max_pixels: int, base: Path) -> Mask:
+    """A usable loss mask of an image of `size`; raises Rejected('mask_missing' / 'mask_unusable')."""
+    if not path.is_file():
+        raise Rejected("mask_missing", f"{relative(path, base)} does not exist")
+    try:
+        mask = open_mask(path, alpha, max_pixels)
+    except ImageError as e:
+        reason = "mask_missing" if alpha and "no alpha channel" in str(e) else "mask_unusable"
+        raise Rejected(reason, f"{relative(path, base)}: {_strip_path(e, path)}") from None
+    if mask.size != size:
+        raise Rejected("mask_unusable", f"{relative(path, base)} is {mask.width}x{mask.height}, its image "
+                                        f"{size[0]}x{size[1]}; masks must have their image's size")
+    if mask.getextrema()[1] == 0:
+        raise Rejected("mask_unusable", f"{relative(path, base)} is black everywhere: nothing would be learned "
+                                        f"from this image")
+    return Mask(relative(path, base), sha256_file(path), alpha)
 
 
 def read_caption(entry: Entry) -> str:
@@ -352,13 +414,26 @@ def build_report(result: IngestResult, sources: list[SourceParams], dataset: Dat
         "rejected": rejected,
         "reason_codes": REASONS,
         "buckets": result.buckets(),
+        "images": result.images,
+        "holdout_note": holdout_note(result),
         "sources": [{"index": i, "description": describe(s), "resolution": s.resolution,
                      "enable_bucket": s.enable_bucket, "bucket_no_upscale": s.bucket_no_upscale,
-                     "num_repeats": s.num_repeats, "used": used[i]} for i, s in enumerate(sources)],
+                     "num_repeats": s.num_repeats, "batch_size": s.batch_size,
+                     "no_resize_control": s.no_resize_control, "control_resolution": s.control_resolution,
+                     "masks": "alpha" if s.alpha_mask else s.mask_directory, "used": used[i]}
+                    for i, s in enumerate(sources)],
         "manifest": relative(result.manifest, base),
         "settings": {"min_side": dataset.min_side, "max_pixels": dataset.max_pixels, "on_error": dataset.on_error,
-                     "holdout_fraction": holdout_fraction},
+                     "holdout_fraction": holdout_fraction, "holdout_min_items": result.holdout_min_items},
     }
+
+
+def holdout_note(result: IngestResult) -> str | None:
+    """Why nothing is held out, when the dataset is too small for a split; None otherwise."""
+    if not result.holdout_skipped:
+        return None
+    return (f"{result.images} images is under eval.holdout_min_items ({result.holdout_min_items}): every item "
+            f"trains, and the validation loss is measured on training items")
 
 
 def _by_reason(rejected: list[Rejection], max_names: int) -> list[str]:
@@ -380,6 +455,8 @@ def summary(result: IngestResult, base: Path, max_names: int = 8) -> str:
     lines = [f"ingest: {result.found} items found, {len(result.items)} used ({splits['train']} train, "
              f"{splits['holdout']} holdout), {len(result.rejected)} rejected"]
     lines += _by_reason(result.rejected, max_names)
+    if result.holdout_skipped:
+        lines.append(f"  no hold-out: {holdout_note(result)}")
     lines.append("  buckets: " + ", ".join(f"{k}: {n}" for k, n in result.buckets().items()))
     lines.append(f"wrote {relative(result.manifest, base)} ({len(result.items)} items) and "
                  f"{relative(result.report, base)}")

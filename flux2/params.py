@@ -58,6 +58,16 @@ class SourceParams:
     num_repeats: int = 1
     enable_bucket: bool = True
     bucket_no_upscale: bool = False
+    batch_size: int | None = None  # items per batch from this source (null: train.batch_size)
+    # Reference (control) images: by default brought to their item's bucket. no_resize_control: kept at their own
+    # size (floored to multiples of 16); control_resolution: the nearest-aspect bucket at that area; both: that
+    # area is a maximum (musubi-tuner's rules; official FLUX.2 editing: no_resize_control + [2024, 2024]).
+    no_resize_control: bool = False
+    control_resolution: int | list[int] | None = None
+    # Masked loss: a mask per image (white = learn, black = ignore), from `<stem>.*` in mask_directory or from the
+    # image's own alpha channel (alpha_mask); the loss is weighted by it (train.masked_loss).
+    mask_directory: str | None = None
+    alpha_mask: bool = False
 
 
 @dataclass
@@ -113,7 +123,7 @@ class TrainParams:
     compile: bool | str = "auto"  # auto (on for CUDA) | true | false: regional torch.compile (flux2/compile.py)
     fsdp: bool = False  # shard the frozen DiT over the processes (accelerate launch), e.g. dev on 80 GB cards
     max_train_steps: int | None = 1000
-    max_train_epochs: int | None = None
+    max_train_epochs: int | None = None  # when set, it decides the run length instead of max_train_steps
     seed: int = 42
     timestep_sampling: str = "flux2_shift"  # flux2_shift | sigmoid | uniform | shift | logit_normal
     discrete_flow_shift: float = 1.0
@@ -123,6 +133,7 @@ class TrainParams:
     weighting_scheme: str = "none"  # none | sigma_sqrt | cosmap
     guidance: float = 1.0  # dev's embedded guidance input during training
     caption_dropout_rate: float = 0.0
+    masked_loss: bool = True  # weight the loss by the dataset's masks where it has them (false: ignore masks)
     ema_decay: float | None = None  # EMA of the LoRA weights, saved beside it as <output_name>_ema; null/0: off
     sample_prompts: str | None = None
     sample_every_n_steps: int = 0
@@ -146,6 +157,7 @@ class ConceptParams:
 @dataclass
 class EvalParams:
     holdout_fraction: float = 0.1
+    holdout_min_items: int = 20  # a dataset of fewer distinct images holds none out (validation on training items)
     prompts: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     timesteps: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
@@ -396,6 +408,8 @@ def check_semantics(p: Params) -> None:
                           "set; name a prompt file there, or set 0")
     if t.ema_decay is not None and not 0.0 <= t.ema_decay < 1.0:
         raise ParamsError(f"train.ema_decay: must be in (0, 1), e.g. 0.999 (null or 0: no EMA), got {t.ema_decay}")
+    if p.eval.holdout_min_items < 0:
+        raise ParamsError(f"eval.holdout_min_items: must be at least 0, got {p.eval.holdout_min_items}")
     if t.max_train_steps is None and t.max_train_epochs is None:
         raise ParamsError("train.max_train_steps: set it or train.max_train_epochs")
     for key, value in (("train.caption_dropout_rate", t.caption_dropout_rate),
@@ -414,11 +428,18 @@ def check_semantics(p: Params) -> None:
         if len(given) != 1:
             raise ParamsError(f"{key}: give exactly one of image_directory, manifest, image_jsonl_file "
                               f"(got {', '.join(given) or 'none'})")
-        res = [s.resolution] if isinstance(s.resolution, int) else s.resolution
-        if len(res) not in (1, 2) or any(r < 16 for r in res):
-            raise ParamsError(f"{key}.resolution: an int or [width, height], each at least 16, got {s.resolution}")
+        for name in ("resolution", "control_resolution"):
+            value = getattr(s, name)
+            res = [value] if isinstance(value, int) else value
+            if res is not None and (len(res) not in (1, 2) or any(r < 16 for r in res)):
+                raise ParamsError(f"{key}.{name}: an int or [width, height], each at least 16, got {value}")
         if s.num_repeats < 1:
             raise ParamsError(f"{key}.num_repeats: must be at least 1, got {s.num_repeats}")
+        if s.batch_size is not None and s.batch_size < 1:
+            raise ParamsError(f"{key}.batch_size: must be at least 1 (or null for train.batch_size), got "
+                              f"{s.batch_size}")
+        if s.mask_directory and s.alpha_mask:
+            raise ParamsError(f"{key}.alpha_mask: give mask_directory or alpha_mask, not both")
     if not p.dataset.sources and not p.dataset.toml:
         raise ParamsError("dataset.sources: empty; list at least one source or set dataset.toml")
     check_ranges(p)

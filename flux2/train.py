@@ -32,7 +32,7 @@ from flux2.checkpoint import TrainState, list_checkpoints, load_ema_state, load_
 from flux2.ema import EMA, ema_path
 from flux2.optim import build_optimizer, check_optimizer, lr_factor
 from flux2.params import Params, to_flat_dict
-from flux2.train_data import Batch, TrainData, mix_seed
+from flux2.train_data import Batch, TrainData, mix_seed, model_fingerprints
 from flux2.variants import Variant, get_variant
 
 if TYPE_CHECKING:
@@ -121,16 +121,19 @@ def flux_loss(dit: torch.nn.Module, batch: Batch, variant: Variant, p: Params, d
     t = to_device(timesteps.sample_timesteps(t_cfg.timestep_sampling, batch.normal, batch.uniform, h * w,
                                              t_cfg.sigmoid_scale, t_cfg.discrete_flow_shift, t_cfg.logit_mean,
                                              t_cfg.logit_std), device)
+    mask = to_device(batch.masks, device) if batch.masks is not None else None
     per_sample = velocity_loss(dit, x0, noise, t, to_device(batch.ctx, device),
-                               [to_device(c, device) for c in batch.controls], variant, t_cfg.guidance)
+                               [to_device(c, device) for c in batch.controls], variant, t_cfg.guidance, mask)
     return (per_sample * timesteps.loss_weights(t_cfg.weighting_scheme, t)).mean()
 
 
 def velocity_loss(dit: torch.nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
-                  controls: list[torch.Tensor], variant: Variant, guidance: float = 1.0) -> torch.Tensor:
-    """Unweighted flow-matching MSE per sample (B,): the DiT's velocity at x_t = (1 - t) x0 + t noise against
-    noise - x0. Reference latents (`controls`, one (B, 128, h_k, w_k) tensor each) join as extra tokens whose
-    predictions are dropped. Shared by training and the evaluate stage's validation loss."""
+                  controls: list[torch.Tensor], variant: Variant, guidance: float = 1.0,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Flow-matching MSE per sample (B,): the DiT's velocity at x_t = (1 - t) x0 + t noise against noise - x0.
+    Reference latents (`controls`, one (B, 128, h_k, w_k) tensor each) join as extra tokens whose predictions
+    are dropped. `mask` (B, 1, h, w) weighs each latent token's error (masked loss: the mean of the weighted
+    errors, as kohya's sd-scripts); None weighs all alike. Shared by training and the validation loss."""
     b, _, h, w = x0.shape
     device = x0.device
     xt, target = timesteps.noisy_latents(x0, noise, t)
@@ -140,7 +143,10 @@ def velocity_loss(dit: torch.nn.Module, x0: torch.Tensor, noise: torch.Tensor, t
         x, x_ids = torch.cat((x, ref_tokens), dim=1), torch.cat((x_ids, ref_ids), dim=1)
     guidance_vec = torch.full((b,), guidance, device=device) if variant.use_guidance_embed else None
     pred = dit(x, x_ids, t, ctx, sampling.text_ids(b, ctx.shape[1], device=device), guidance_vec)[:, : h * w]
-    return (pred.float() - sampling.pack(target)).square().mean(dim=(1, 2))
+    error = (pred.float() - sampling.pack(target)).square()
+    if mask is not None:
+        error = error * sampling.pack(mask.float())
+    return error.mean(dim=(1, 2))
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
@@ -158,9 +164,10 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
 
 
 def total_steps(p: Params, data: TrainData) -> int:
-    if p.train.max_train_steps is not None:
-        return p.train.max_train_steps
-    return p.train.max_train_epochs * data.batches_per_epoch
+    """train.max_train_epochs, when set, decides the run length (as in musubi-tuner); else max_train_steps."""
+    if p.train.max_train_epochs is not None:
+        return p.train.max_train_epochs * data.batches_per_epoch
+    return p.train.max_train_steps
 
 
 @dataclass
@@ -199,6 +206,7 @@ class QueuedStep:
     values: torch.Tensor
     start: float  # time.perf_counter() when it began and when its work was queued
     end: float
+    items: int = 0  # samples in the step over all processes (sources may have batch sizes of their own)
 
 
 @dataclass
@@ -266,7 +274,8 @@ def setup(p: Params, base: Path) -> Training:
 
     manifest = base / p.dataset.manifest
     data = TrainData(manifest, base / p.cache.latents_dir, base / p.cache.text_dir, variant, t_cfg.batch_size,
-                     world, t_cfg.seed, t_cfg.caption_dropout_rate, t_cfg.gradient_accumulation_steps)
+                     world, t_cfg.seed, t_cfg.caption_dropout_rate, t_cfg.gradient_accumulation_steps,
+                     *model_fingerprints(p.model, base), masked_loss=t_cfg.masked_loss)
     warm = None
     if t_cfg.network_weights:
         from flux2.warm_start import read_network_weights
@@ -402,10 +411,11 @@ def train_step(tr: Training, prog: Progress) -> None:
     for group in tr.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)  # per-block rates, LoRA+
     prog.lr = lr
-    loss_sum = torch.zeros((), device=tr.device)
+    loss_sum, items = torch.zeros((), device=tr.device), 0
     for micro in range(t_cfg.gradient_accumulation_steps):
         torch.manual_seed(mix_seed(t_cfg.seed, step, micro, tr.rank, 7919))  # LoRA dropouts
         batch = tr.data.micro_batch(step, micro, tr.rank)
+        items += len(batch.ids) * tr.world
         with torch.autocast(tr.device.type, dtype=torch.bfloat16, enabled=t_cfg.mixed_precision == "bf16"):
             loss = flux_loss(tr.dit, batch, tr.variant, p, tr.device)
         (loss / t_cfg.gradient_accumulation_steps).backward()
@@ -417,7 +427,7 @@ def train_step(tr: Training, prog: Progress) -> None:
     if tr.ema is not None and bool(torch.isfinite(values).all()):
         tr.ema.update(tr.network)  # its update count lives on the host: with an EMA, one read per step
     state.step += 1
-    prog.pending.append(QueuedStep(step, lr, values, start, time.perf_counter()))
+    prog.pending.append(QueuedStep(step, lr, values, start, time.perf_counter(), items))
     if state.step % t_cfg.log_every_n_steps == 0:
         read_steps(tr, prog, keep=1)
     if state.step == tr.steps_total:
@@ -498,7 +508,7 @@ def read_steps(tr: Training, prog: Progress, keep: int = 0) -> None:
             prog.history.append((done, loss, queued.lr))
             if done % t_cfg.log_every_n_steps == 0:
                 prog.run.log_metrics({"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "step_time_s": elapsed,
-                                      "samples_per_s": tr.data.global_batch / elapsed,
+                                      "samples_per_s": (queued.items or tr.data.global_batch) / elapsed,
                                       "peak_memory_gib": peak_memory_gib(tr.device)}, done)
 
 

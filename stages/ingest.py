@@ -1,4 +1,4 @@
-"""DVC stage `ingest`: the sources in params.yaml (dataset, eval.holdout_fraction) -> data/manifest.parquet and
+"""DVC stage `ingest`: the sources in params.yaml (dataset, eval.holdout_*) -> data/manifest.parquet and
 reports/ingest.json. Run from the repository root: `python -m stages.ingest`. Extra options are passed on (see
 `flux2 ingest --help`)."""
 import sys

@@ -7,6 +7,8 @@
     dir/manifest/    manifest.jsonl (source 1, root = dir/manifest) with a good row, an escape (../outside.png),
                      a symlink that escapes, a missing file, and a row with two columns for one control
     dir/outside.png  a good image outside the manifest's root
+    dir/masked/      a folder source with loss masks in dir/masks/ (source 2): a good one, a missing one, one of
+                     the wrong size
 
 and returns {file name: expected reason code, or None for an item that must be used}. Images are 64-96 px
 (dataset.min_side's default is 64); `bad_corpus_sources(dir)` gives the two sources at resolution 64.
@@ -122,12 +124,27 @@ def write_bad_corpus(root: str | Path) -> dict[str, str | None]:
     (manifest_dir / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     expected.update({"m_good.png": None, "outside.png": "path_outside_root", "link_out.png": "path_outside_root",
                      "missing.png": "image_missing", "manifest.jsonl row 5": "bad_row"})
+
+    # A folder with loss masks by stem.
+    masked, masks = root / "masked", root / "masks"
+    for d in (masked, masks):
+        d.mkdir(parents=True, exist_ok=True)
+    for i, (name, mask_size, reason) in enumerate([("mask_good.png", (96, 64), None),
+                                                   ("mask_gone.png", None, "mask_missing"),
+                                                   ("mask_small.png", (48, 32), "mask_unusable")]):
+        noise(96, 64, 30 + i).save(masked / name)
+        (masked / f"{Path(name).stem}.txt").write_text("a masked photo", encoding="utf-8")
+        if mask_size:
+            Image.new("L", mask_size, 255).save(masks / name)
+        expected[name] = reason
     return expected
 
 
 def bad_corpus_sources(root: str | Path, resolution: int = 64) -> list[SourceParams]:
-    """The corpus's two sources: the image folder with its controls, and the JSONL manifest."""
+    """The corpus's three sources: the image folder with its controls, the JSONL manifest, the masked folder."""
     root = Path(root).absolute()
     return [SourceParams(image_directory=str(root / "images"), control_directory=str(root / "controls"),
                          resolution=resolution),
-            SourceParams(manifest=str(root / "manifest" / "manifest.jsonl"), resolution=resolution)]
+            SourceParams(manifest=str(root / "manifest" / "manifest.jsonl"), resolution=resolution),
+            SourceParams(image_directory=str(root / "masked"), mask_directory=str(root / "masks"),
+                         resolution=resolution)]

@@ -32,9 +32,12 @@ def write_shapes_dataset(folder: Path, n: int = 12, size: int = 64, seed: int = 
     return folder
 
 
-def write_params(folder: Path, model: dict, extra: str = "", controls: bool = False, resolution: int = 64) -> Path:
-    """A params.yaml for the tiny model files in `model` and the dataset in folder/ds."""
+def write_params(folder: Path, model: dict, extra: str = "", controls: bool = False, resolution: int = 64,
+                 sources: str | None = None) -> Path:
+    """A params.yaml for the tiny model files in `model` and the dataset in folder/ds (or `sources`: the lines of
+    dataset.sources, each `    - {...}`)."""
     control = "\n      control_directory: ds/controls" if controls else ""
+    sources = sources or f"    - image_directory: ds\n      resolution: {resolution}{control}"
     text = f"""model:
   model_version: tiny
   dit: {model['dit']}
@@ -43,10 +46,10 @@ def write_params(folder: Path, model: dict, extra: str = "", controls: bool = Fa
 dataset:
   min_side: 32
   sources:
-    - image_directory: ds
-      resolution: {resolution}{control}
+{sources}
 eval:
   holdout_fraction: 0.25
+  holdout_min_items: 0
   prompts: ["a red circle on a blue background", "a green square on a yellow background"]
   image_size: [{resolution}, {resolution}]
 train:

@@ -23,11 +23,11 @@ from tests.badcorpus import bad_corpus_sources, noise, write_bad_corpus
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_ingest(base: Path, fraction: float = 0.25, **dataset) -> tuple:
-    """ingest() with outputs under `base`; returns (result, printed summary)."""
+def run_ingest(base: Path, fraction: float = 0.25, min_items: int = 0, **dataset) -> tuple:
+    """ingest() with outputs under `base` (a split from `min_items` images on); returns (result, printed summary)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        result = ingest(DatasetParams(**dataset), fraction, base=base, progress=False)
+        result = ingest(DatasetParams(**dataset), fraction, base=base, progress=False, holdout_min_items=min_items)
     return result, out.getvalue()
 
 
@@ -67,8 +67,8 @@ def test_bad_corpus_every_bad_item_reported_with_its_reason_and_the_rest_used(co
     assert f"{len(expected)} items found, {len(result.items)} used" in printed
     assert "too_large (1): corpus/images/huge_header.png" in printed
     assert "duplicate (1): corpus/images/good_rgb_copy.png" in printed
-    assert "wrote data/manifest.parquet (9 items) and reports/ingest.json" not in printed  # 8 good items
-    assert "wrote data/manifest.parquet (8 items) and reports/ingest.json" in printed
+    assert "wrote data/manifest.parquet (10 items) and reports/ingest.json" not in printed  # 9 good items
+    assert "wrote data/manifest.parquet (9 items) and reports/ingest.json" in printed
 
 
 def test_bad_corpus_manifest_rows(corpus):
@@ -83,6 +83,8 @@ def test_bad_corpus_manifest_rows(corpus):
     assert [Path(c["path"]).name for c in rows["gray.png"]["controls"]] == ["gray_0000.png"]
     assert rows["good_photo.jpg"]["controls"][0]["width"] == 48
     assert rows["m_good.png"]["controls"][0]["path"] == "corpus/manifest/m_good_control.png"
+    assert rows["mask_good.png"]["mask"]["path"] == "corpus/masks/mask_good.png"
+    assert rows["mask_good.png"]["mask"]["alpha"] is False and rows["good_rgb.png"]["mask"] is None
     for r in rows.values():
         assert r["id"] == r["sha256"][:16] and r["split"] in ("train", "holdout") and r["num_repeats"] == 1
         assert r["bucket_width"] % 16 == 0 and r["bucket_height"] % 16 == 0
@@ -177,6 +179,8 @@ image_directory = "set_a"
 control_directory = "set_a_controls"
 num_repeats = 3
 cache_directory = "cache_a"
+no_resize_control = true
+control_resolution = [48, 48]
 
 [[datasets]]
 image_jsonl_file = "set_b/list.jsonl"
@@ -201,9 +205,12 @@ def write_musubi_dataset(folder: Path) -> Path:
 def test_musubi_toml_general_overrides_and_ignored_keys(tmp_path, capsys):
     toml = write_musubi_dataset(tmp_path / "cfg")
     a, b = load_musubi_toml(toml)
-    assert capsys.readouterr().out.count("ignoring keys that ingest does not use: batch_size, cache_directory") == 1
+    assert capsys.readouterr().out.count("ignoring keys that ingest does not use: cache_directory\n") == 1
     assert (a.resolution, a.enable_bucket, a.num_repeats, a.caption_extension) == (64, True, 3, ".caption")
     assert (b.resolution, b.enable_bucket, b.num_repeats, b.caption_extension) == ([96, 64], False, 1, ".caption")
+    # Honoured, not dropped: batch_size (from [general]) and the edit-dataset control sizing.
+    assert (a.batch_size, b.batch_size, a.no_resize_control, a.control_resolution) == (4, 4, True, [48, 48])
+    assert (b.no_resize_control, b.control_resolution) == (False, None)
     assert Path(a.image_directory) == tmp_path / "cfg" / "set_a"  # relative to the TOML
 
     result, _ = run_ingest(tmp_path, fraction=0.0, toml="cfg/dataset.toml")
@@ -211,6 +218,9 @@ def test_musubi_toml_general_overrides_and_ignored_keys(tmp_path, capsys):
     assert set(by_name) == {"x.png", "y.png", "p.png", "q.png"} and not result.rejected
     assert by_name["x.png"].num_repeats == 3 and by_name["x.png"].caption == "x caption"
     assert [Path(c.path).name for c in by_name["y.png"].controls] == ["y_0.png", "y_1.png"]
+    # 32x32 controls within the 48x48 maximum keep their size (default: the item's 80x48 bucket).
+    assert {(c.bucket_width, c.bucket_height) for c in by_name["y.png"].controls} == {(32, 32)}
+    assert by_name["x.png"].batch_size == 4
     assert (by_name["p.png"].bucket_width, by_name["p.png"].bucket_height) == (96, 64)  # enable_bucket false
     assert (by_name["x.png"].bucket_width, by_name["x.png"].bucket_height) == (80, 48)
     assert {i.source for i in result.items} == {0, 1} and all(i.split == "train" for i in result.items)
