@@ -93,7 +93,7 @@ def assert_training_outputs_readable(folder: Path) -> None:
     from flux2.checkpoint import list_checkpoints, verify_checkpoint
     from flux2.lora_formats import read_lora
 
-    for path in list_checkpoints(folder / "checkpoints"):
+    for path in [c for d in (folder / "checkpoints").glob("*/") for c in list_checkpoints(d)]:
         verify_checkpoint(path)
     lora = folder / "outputs/lora/lora.safetensors"
     if lora.exists():
@@ -109,7 +109,7 @@ def test_killed_training_resumes_to_the_same_lora_bit_for_bit(pipeline, trained,
     killed = kill_after(pipeline, delay, "-m", "flux2.cli", "train", "--params", "params.yaml", *TRAIN)
     assert_training_outputs_readable(pipeline)
     print(f"killed at {delay:.2f} of {seconds:.2f}s ({killed=}): checkpoints "
-          f"{sorted(p.name for p in (pipeline / 'checkpoints').glob('*'))}")
+          f"{sorted(p.name for p in (pipeline / 'checkpoints').glob('*/*'))}")
 
     assert main(["train", "--params", str(pipeline / "params.yaml"), *TRAIN]) == 0
     got = load_file(pipeline / "outputs/lora/lora.safetensors")
@@ -129,7 +129,7 @@ def test_no_checkpoint_is_ever_ahead_of_the_loss_history(pipeline, trained, caps
     (blocker / "x").mkdir(parents=True)
     assert main(["train", "--params", str(pipeline / "params.yaml"), *TRAIN]) == 2
     assert "train_loss.csv" in capsys.readouterr().err  # one line naming the file
-    assert not list((pipeline / "checkpoints").glob("step-*"))
+    assert not list((pipeline / "checkpoints").glob("*/step-*"))
     shutil.rmtree(blocker)
     assert main(["train", "--params", str(pipeline / "params.yaml"), *TRAIN]) == 0
     assert (pipeline / "plots/train_loss.csv").read_text() == history
