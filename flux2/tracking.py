@@ -185,3 +185,27 @@ class Run:
     def end(self, status: str = "FINISHED") -> None:
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
+
+
+def evaluation_run(uri: str, experiment: str, train_run_id: str, digest: str, params: dict[str, Any]) -> Run:
+    """Where an evaluation is logged: the training's run, unless that run already holds an evaluation of other
+    inputs (another model/eval setting: `digest`), as when a DVC experiment changes only eval params and reuses
+    the baseline's LoRA. Then it is a run of its own, a child of the training run (`mlflow.parentRunId`), found
+    again by its digest; an experiment never writes into another's record."""
+    run = Run(uri, experiment, run_id=train_run_id)
+    tags = run.client.get_run(train_run_id).data.tags
+    if tags.get("flux2.eval_digest", digest) == digest:
+        run.set_tags({"flux2.eval_digest": digest})
+        return run
+    exp = run.client.get_run(train_run_id).info.experiment_id
+    same = run.client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{train_run_id}' and "
+                                                       f"tags.`flux2.eval_digest` = '{digest}'", max_results=1)
+    if same:
+        return Run(uri, experiment, run_id=same[0].info.run_id)
+    child = Run(uri, experiment, run_name=exp_name() or f"{tags.get('mlflow.runName', train_run_id)}-eval")
+    child.log_params(params)
+    child.set_tags({"mlflow.parentRunId": train_run_id, "flux2.kind": "evaluation", "flux2.eval_digest": digest,
+                    **({"dvc.exp_name": exp_name()} if exp_name() else {})})
+    print(f"MLflow run {train_run_id} was evaluated with other settings before: this evaluation is run "
+          f"{child.run_id}, its child")
+    return child
