@@ -247,7 +247,7 @@ def config_from_args(args: argparse.Namespace) -> LatentsConfig:
         model_version=args.model_version or model.model_version,
         vae_dtype=args.vae_dtype or model.vae_dtype, batch_size=args.batch_size or cache.batch_size,
         shard_mb=args.shard_mb or cache.shard_mb, num_workers=args.num_workers,
-        device=args.device or model.device, store=resolve_store(cache.store),
+        device=args.device or model.device, store=resolve_store(args.store if args.store is not None else cache.store),
         report=Path(args.report) if args.report else base / "reports" / "cache_latents.json")
 
 

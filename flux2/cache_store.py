@@ -622,18 +622,16 @@ STORE_ENV = "FLUX2_CACHE_STORE"
 
 
 def resolve_store(setting: str | bool | None = None) -> Path | None:
-    """The shared store folder: `setting` (params cache.store: a path, relative ones from the repository root;
-    false for none), else $FLUX2_CACHE_STORE (`off` for none), else $XDG_CACHE_HOME/flux2/store
-    (~/.cache/flux2/store)."""
+    """The shared store folder: `setting` (params cache.store or --store: a path, relative ones from the
+    repository root; false or `off` for none), else $FLUX2_CACHE_STORE (a path or `off`), else
+    $XDG_CACHE_HOME/flux2/store (~/.cache/flux2/store)."""
     from flux2.tracking import repo_root
 
-    if setting is False:
-        return None
-    if isinstance(setting, str) and setting:
-        return repo_root() / setting
-    env = os.environ.get(STORE_ENV)
-    if env is not None:
-        return None if env.strip().lower() in ("", "off", "false", "none", "0") else repo_root() / env
+    for value in (setting, os.environ.get(STORE_ENV)):
+        if value is False or (isinstance(value, str) and value.strip().lower() in ("", "off", "false", "none")):
+            return None
+        if isinstance(value, str):
+            return repo_root() / value
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flux2" / "store"
 
 

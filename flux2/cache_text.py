@@ -200,5 +200,5 @@ def config_from_args(args: argparse.Namespace) -> TextConfig:
         dtype=args.dtype or model.dtype, text_dtype=args.text_dtype or cache.text_dtype,
         fp8_text_encoder=args.fp8_text_encoder if args.fp8_text_encoder is not None else model.fp8_text_encoder,
         batch_size=args.batch_size or cache.batch_size, shard_mb=args.shard_mb or cache.shard_mb,
-        device=args.device or model.device, store=resolve_store(cache.store),
+        device=args.device or model.device, store=resolve_store(args.store if args.store is not None else cache.store),
         report=Path(args.report) if args.report else base / "reports" / "cache_text.json")

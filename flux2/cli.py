@@ -170,6 +170,8 @@ def add_cache_latents(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num_workers", type=int, default=2, help="image decoding threads")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: model.device, auto)")
     p.add_argument("--report", default=None, help="JSON report (default: reports/cache_latents.json)")
+    p.add_argument("--store", default=None, help="shared cache store folder, or off (default: cache.store, else "
+                   "$FLUX2_CACHE_STORE, else ~/.cache/flux2/store; docs/caching.md)")
     p.set_defaults(func=run_cache_latents)
 
 
@@ -205,6 +207,8 @@ def add_cache_text(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard_mb", type=int, default=None, help="shard size limit in MB (default: cache.shard_mb)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: model.device, auto)")
     p.add_argument("--report", default=None, help="JSON report (default: reports/cache_text.json)")
+    p.add_argument("--store", default=None, help="shared cache store folder, or off (default: cache.store, else "
+                   "$FLUX2_CACHE_STORE, else ~/.cache/flux2/store; docs/caching.md)")
     p.set_defaults(func=run_cache_text)
 
 

@@ -136,9 +136,11 @@ class Run:
         self.logged_upto: dict[str, int] = {}  # metric -> last step already in the store (a reopened run)
 
     @classmethod
-    def reopen(cls, uri: str, experiment: str, run_id: str, params: dict[str, Any]) -> "Run | None":
-        """The existing run `run_id` to continue, if it is in the store and has exactly these parameters (else
-        None: the caller starts a new run). Steps it already holds are not logged again (`log_metrics`)."""
+    def reopen(cls, uri: str, experiment: str, run_id: str, params: dict[str, Any], unfinished_only: bool = False
+               ) -> "Run | None":
+        """The existing run `run_id` to continue, if it is in the store and has exactly these parameters (and,
+        with `unfinished_only`, was killed or failed), else None: the caller starts a new run. Steps it already
+        holds are not logged again (`log_metrics`)."""
         from mlflow.exceptions import MlflowException
 
         run = cls(uri, experiment, run_id=run_id)
@@ -146,7 +148,7 @@ class Run:
             info = run.client.get_run(run_id)
         except MlflowException:
             return None
-        if info.data.params != param_strings(params):
+        if info.data.params != param_strings(params) or (unfinished_only and info.info.status == "FINISHED"):
             return None
         for key in info.data.metrics:
             run.logged_upto[key] = max(m.step for m in run.client.get_metric_history(run_id, key))

@@ -33,6 +33,7 @@ from flux2.train_data import Batch, TrainData, mix_seed
 from flux2.variants import Variant, get_variant
 
 log = logging.getLogger("flux2.train")
+RUN_RECORD = "mlflow_run_id.txt"  # in a configuration's checkpoint folder: the MLflow run of its last training
 
 
 class TrainingError(RuntimeError):
@@ -299,6 +300,9 @@ def open_run(tr: Training, state: TrainState, history: list[tuple[int, float, fl
     uri, params = tracking_uri(p.tracking.tracking_uri), to_flat_dict(p)
     parent = state.extra.get("mlflow_run_id") if resumed else None
     run = Run.reopen(uri, p.tracking.experiment, parent, params) if parent else None
+    record = tr.ckpt_dir / RUN_RECORD  # the run of this folder's latest training, killed before a checkpoint?
+    if run is None and not resumed and record.is_file():
+        run = Run.reopen(uri, p.tracking.experiment, record.read_text().strip(), params, unfinished_only=True)
     tags = {"dvc.exp_name": exp_name()} if exp_name() else {}
     if run is not None:
         run.client.update_run(run.run_id, status="RUNNING")  # it failed, was killed, or is rerun
@@ -315,6 +319,7 @@ def open_run(tr: Training, state: TrainState, history: list[tuple[int, float, fl
     if tags:
         run.set_tags(tags)
     state.extra["mlflow_run_id"] = run.run_id
+    atomic_write_text(record, run.run_id + "\n")
     for step, loss, lr in history:  # steps the run lacks: a warm start's, or a kill before their flush
         if step % p.train.log_every_n_steps == 0:
             run.log_metrics({"loss": loss, "lr": lr}, step)
