@@ -38,8 +38,9 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                         help="prompt file: one prompt per line, each with optional --w --h --d --s --g --n --ci --fs "
                              "(width, height, seed, steps, guidance, negative prompt, control image, flow shift)")
     p.add_argument("--negative_prompt", default="", help="negative prompt for true CFG (base variants)")
-    p.add_argument("--image_size", type=int, nargs=2, default=[1024, 1024], metavar=("H", "W"),
-                   help="height and width, multiples of 16")
+    sizes = sorted({f"{v.sample_size[0]} {v.sample_size[1]}" for v in VARIANTS.values()}, reverse=True)
+    p.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help=f"height and width, multiples of 16 (default: the variant's, {' or '.join(sizes)})")
     p.add_argument("--infer_steps", type=int, default=None, help="steps (default: 4 distilled klein, else 50)")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="true CFG scale for base variants (default 4.0; ignored by distilled variants)")
@@ -76,7 +77,7 @@ def run_generate(args: argparse.Namespace) -> None:
     from flux2.generate import GenerateOptions, generate
 
     opts = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
-    opts["image_size"] = tuple(opts["image_size"])
+    opts["image_size"] = tuple(opts["image_size"]) if opts["image_size"] else None
     generate(GenerateOptions(**opts))
 
 

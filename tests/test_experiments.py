@@ -145,7 +145,7 @@ def train(folder: Path, *extra: str) -> dict:
     return json.loads((folder / "metrics" / "train.json").read_text())
 
 
-def test_warm_start_is_a_new_run_tagged_with_its_parent_and_an_evaluation_of_other_settings_a_child(
+def test_more_steps_from_a_checkpoint_is_a_new_run_tagged_with_its_parent_and_an_evaluation_a_child(
         pipeline, monkeypatch):
     """The same settings trained longer (constant LR: the same configuration) continue from the checkpoint but as
     a new MLflow run tagged with its parent, which keeps its own params and metrics; the new run holds the whole
@@ -165,7 +165,7 @@ def test_warm_start_is_a_new_run_tagged_with_its_parent_and_an_evaluation_of_oth
     assert parent.data.params["train.max_train_steps"] == "10" and "dvc.exp_name" not in parent.data.tags
     assert [m.step for m in client.get_metric_history(first, "loss")] == list(range(1, 11))
     assert child.data.params["train.max_train_steps"] == "16" and child.data.tags["dvc.exp_name"] == "longer"
-    assert child.data.tags["flux2.parent_run_id"] == first and child.data.tags["flux2.warm_start_step"] == "10"
+    assert child.data.tags["flux2.parent_run_id"] == first and child.data.tags["flux2.parent_step"] == "10"
     assert sorted(m.step for m in client.get_metric_history(second, "loss")) == list(range(1, 17))
     assert [r.run_id for r in load_runs(["longer"], uri, "flux2")] == [second]
 

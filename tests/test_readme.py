@@ -6,9 +6,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,6 +134,11 @@ def test_experiment_block_gives_each_experiment_its_own_run_without_encoding_aga
             report = json.loads(experiment_file(clone, name, f"reports/cache_{kind}.json"))
             assert report["encoded"] == 0 and report["from_store"] == report["entries"], (name, report)
         assert json.loads(experiment_file(clone, name, "metrics/train.json"))["mlflow_run_id"] == run.info.run_id
+        with tempfile.TemporaryDirectory() as tmp:  # the dvc.lock logged is the one of this run
+            lock = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "dvc.lock", tmp)).read_text())
+        logged = lock["stages"]["train"]["params"]["params.yaml"]["train"]
+        assert logged["max_train_steps"] == 20, name
+        assert all(str(logged[k.removeprefix("train.")]) == v for k, v in changed.items()), name
     baseline = client.get_run(demo_run)
     assert baseline.data.params["train.max_train_steps"] == "1000" and "dvc.exp_name" not in baseline.data.tags
     assert max(m.step for m in client.get_metric_history(demo_run, "loss")) == 1000
