@@ -106,8 +106,8 @@ def test_warm_start_from_a_diffusers_file_is_a_new_tagged_run_starting_at_its_we
 
     second = train(pipeline, *FROZEN, "--network_weights", str(start))
     out = capsys.readouterr().out
-    # The checkpoints of the first run are another configuration: the file's content is in the fingerprint.
-    assert "belong to another configuration" in out
+    # The checkpoints of the first run are another configuration (the file's content is in the fingerprint): kept.
+    assert "starting from step 0 (the checkpoints of other configurations" in out
     assert f"starting from {start} (diffusers layout, 20 modules, rank 8)" in out
     warm = lora(pipeline)
     assert warm.keys() == trained.keys() and all(torch.equal(warm[k], trained[k]) for k in warm)

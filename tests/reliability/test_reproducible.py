@@ -105,31 +105,23 @@ def test_dvc_repro_after_a_damaged_lora_or_a_deleted_shard_keeps_the_loss_histor
     assert json.loads((folder / "metrics/train.json").read_text())["final_loss"] == summary["final_loss"]
 
 
-def test_a_kill_after_the_final_checkpoint_loses_no_mlflow_step(reference, cached_pipeline, tmp_path):
-    """The final checkpoint is written after MLflow is flushed: a kill right after it (during the end-of-training
-    samples, the artifacts) and the rerun leave the run with every step exactly once, equal to the uninterrupted
-    run's, and one MLflow run."""
-    ref, summary = reference
-    folder = copy_project(cached_pipeline, tmp_path / "p")
-    killed = kill_after(folder, 0.0, "-m", "flux2.cli", "train", "--params", "params.yaml", *TRAIN,
-                        marker=lambda: bool(list((folder / "checkpoints").glob("*/step-00000012"))))
-    if not killed or (folder / "metrics/train.json").exists():
-        pytest.skip("the run ended before the kill landed (a very slow machine)")
-    got = train(folder)
-    assert metric_steps(folder, got["mlflow_run_id"]) == metric_steps(ref, summary["mlflow_run_id"])
-    assert [s for s, _ in metric_steps(folder, got["mlflow_run_id"])["loss"]] == list(range(1, 13))
-
-
-def test_a_killed_run_before_its_first_checkpoint_continues_its_mlflow_run(reference, cached_pipeline, tmp_path):
-    """Killed before any checkpoint, the rerun starts from step 0 but in the same (unfinished) MLflow run, whose
-    steps it does not log twice: one training, one run, the uninterrupted metrics."""
+def test_kills_before_the_first_and_after_the_final_checkpoint_leave_one_mlflow_run_with_every_step_once(
+        reference, cached_pipeline, tmp_path):
+    """Killed before any checkpoint, the rerun starts from step 0 in the same, unfinished MLflow run (its id is
+    kept beside the checkpoints). Killed again right after the final checkpoint (during the end-of-training
+    samples and artifacts: MLflow was flushed before that checkpoint), the next rerun logs nothing twice. In the
+    end: one MLflow run for the one training, every step exactly once, the uninterrupted run's values."""
     from mlflow.tracking import MlflowClient
 
     ref, summary = reference
     folder = copy_project(cached_pipeline, tmp_path / "p")
-    killed = kill_after(folder, 0.0, "-m", "flux2.cli", "train", "--params", "params.yaml", *TRAIN,
-                        marker=lambda: bool(list((folder / "checkpoints").glob("*/mlflow_run_id.txt"))))
-    assert killed and not list((folder / "checkpoints").glob("*/step-*"))
+    train_args = ("-m", "flux2.cli", "train", "--params", "params.yaml", *TRAIN)
+    assert kill_after(folder, 0.0, *train_args,
+                      marker=lambda: bool(list((folder / "checkpoints").glob("*/mlflow_run_id.txt"))))
+    assert not list((folder / "checkpoints").glob("*/step-*"))
+    killed = kill_after(folder, 0.0, *train_args,
+                        marker=lambda: bool(list((folder / "checkpoints").glob("*/step-00000012"))))
+    assert killed and not (folder / "metrics/train.json").exists(), "the kill came after the end of the run"
     got = train(folder)
     assert metric_steps(folder, got["mlflow_run_id"]) == metric_steps(ref, summary["mlflow_run_id"])
     runs = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_runs(["1"])
