@@ -327,8 +327,8 @@ def resume(tr: Training) -> Progress:
 
 def open_run(tr: Training, state: TrainState, history: list[tuple[int, float, float]], resumed: bool):
     """The MLflow run of this training: the checkpoint's own run when it has exactly these parameters (a resumed
-    run), else a new one; a new run that starts from another run's checkpoint (a warm start: e.g. the same
-    configuration trained for more steps) is tagged with that parent. The loss history it lacks is logged."""
+    run), else a new one; a new run that continues another run's checkpoint (the same configuration with other
+    settings, e.g. trained for more steps) is tagged with that parent. The loss history it lacks is logged."""
     from flux2.tracking import Run, exp_name, tracking_uri
 
     p = tr.p
