@@ -1,6 +1,6 @@
 """The experiment loop without the README's full run: every params.yaml key survives `dvc exp run -S` (DVC's own
-params writer), one MLflow run per training run (resume, warm start, an evaluation of other settings), the
-caches shared across workspaces through the store, and `flux2 compare` by DVC experiment name."""
+params writer), one MLflow run per training run (resumed, continued with more steps, an evaluation of other
+settings), the caches shared across workspaces through the store, and `flux2 compare` by DVC experiment name."""
 from __future__ import annotations
 
 import dataclasses
