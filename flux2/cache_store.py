@@ -794,6 +794,8 @@ def _delete_unreferenced(cache_dir: Path, referenced: set[str], kind: str) -> in
         if p.name.startswith(f"{kind}-") and p.suffix == ".safetensors" and name not in referenced:
             p.unlink()
             deleted += 1
+        elif p.name.startswith(".") and p.name.endswith(".tmp"):  # any writer's temporary name ending .tmp
+            p.unlink()
     return deleted
 
 
