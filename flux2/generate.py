@@ -3,8 +3,8 @@
 Models are loaded one after another and freed when done (text encoder, then DiT, then AE decode), so peak
 memory is that of the largest, not the sum. With `from_file`, every model is loaded once for all prompts.
 
-LoRAs (`lora_weight`, any layout flux2.lora_formats reads) are merged into the DiT weights once, right after
-loading, or attached as hooks (`lora_merge=False`); both give the same images. With fp8_scaled the DiT is loaded
+LoRAs (`lora_weight`, any layout flux2.lora_formats reads, LyCORIS LoKr / LoHa included) are merged into the DiT
+weights once, right after loading, or attached as hooks (`lora_merge=False`); both give the same images. With fp8_scaled the DiT is loaded
 unquantised, merged, then quantised, so each weight is rounded to fp8 once.
 """
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from flux2.network_config import NetworkConfigError, network_options
 from flux2.variants import VARIANTS
 
 
@@ -83,15 +84,19 @@ class TrainParams:
     checkpoint_dir: str = "checkpoints"
     network_dim: int = 32
     network_alpha: float = 1.0
+    network_type: str = "lora"  # lora | lokr | loha (LyCORIS); docs/adapters.md
+    network_args: dict[str, Any] = field(default_factory=dict)  # LoKr factor, per-block ranks / rates (network_config)
     network_dropout: float = 0.0
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     include_patterns: list[str] = field(default_factory=list)
     exclude_patterns: list[str] = field(default_factory=list)
+    network_module: str = "networks.lora_flux_2"  # musubi-tuner's module name for the FLUX.2 LoRA
     network_weights: str | None = None  # start from this LoRA file (kohya, ComfyUI/BFL or diffusers layout)
     optimizer_type: str = "adamw"  # adamw | adamw8bit | adafactor | module.Class
     optimizer_args: dict[str, Any] = field(default_factory=dict)
     learning_rate: float = 1e-4
+    loraplus_lr_ratio: float | None = None  # LoRA+: the up weights learn at ratio x learning_rate (null: off)
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     lr_scheduler_num_cycles: int = 1
@@ -302,6 +307,10 @@ def check_semantics(p: Params) -> None:
                           "weights live); use one")
     if p.model.fp8_scaled and not p.model.fp8_base:
         raise ParamsError("model.fp8_scaled: needs model.fp8_base: true (scaled fp8 is a form of fp8 base)")
+    try:
+        network_options(t, VARIANTS[p.model.model_version])
+    except NetworkConfigError as e:
+        raise ParamsError(str(e)) from None
     if p.model.blocks_to_swap < 0 or p.model.blocks_to_swap > VARIANTS[p.model.model_version].max_blocks_to_swap:
         raise ParamsError(f"model.blocks_to_swap: {p.model.blocks_to_swap} is outside 0.."
                           f"{VARIANTS[p.model.model_version].max_blocks_to_swap} for {p.model.model_version}")

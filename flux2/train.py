@@ -20,7 +20,7 @@ import os
 import resource
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -177,6 +177,7 @@ class Training:
     warning: str | None
     warm_start: WarmStart | None = None  # the LoRA file the run started from (train.network_weights)
     ema: EMA | None = None  # the EMA of the LoRA weights (train.ema_decay)
+    param_groups: list[dict] = field(default_factory=list)  # per-block rates and LoRA+ (lora.param_groups)
 
 
 @dataclass
@@ -233,7 +234,8 @@ def setup(p: Params, base: Path) -> Training:
     from accelerate import PartialState
 
     from flux2.loading import load_dit, resolve_device, resolve_dtype
-    from flux2.lora import create_network
+    from flux2.lora import create_network, param_groups
+    from flux2.network_config import network_options
 
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
@@ -275,9 +277,10 @@ def setup(p: Params, base: Path) -> Training:
 
         enable_block_swap(dit, p.model.blocks_to_swap, device)
     torch.manual_seed(t_cfg.seed)  # the LoRA's initial weights
+    options = network_options(t_cfg, variant)
     network = create_network(dit, t_cfg.network_dim, t_cfg.network_alpha, t_cfg.include_patterns,
                              t_cfg.exclude_patterns, t_cfg.network_dropout, t_cfg.rank_dropout,
-                             t_cfg.module_dropout).to(device)
+                             t_cfg.module_dropout, options=options).to(device)
     if warm is not None:
         from flux2.warm_start import load_network_weights
 
@@ -287,15 +290,19 @@ def setup(p: Params, base: Path) -> Training:
             print(f"starting from {warm.describe()}; {fresh} module(s) it lacks start fresh")
     network.apply_to(dit)
     params = [q for q in network.parameters() if q.requires_grad]
-    optimizer = build_optimizer(params, t_cfg.optimizer_type, t_cfg.learning_rate, t_cfg.optimizer_args)
+    groups = param_groups(network, t_cfg.learning_rate, options)
+    optimizer = build_optimizer(groups, t_cfg.optimizer_type, t_cfg.learning_rate, t_cfg.optimizer_args)
     ema = EMA(network, t_cfg.ema_decay) if t_cfg.ema_decay else None
     if main:
-        print(f"training {len(network.lora_modules)} LoRA modules (rank {t_cfg.network_dim}, alpha "
-              f"{t_cfg.network_alpha:g}, scale {t_cfg.network_alpha / t_cfg.network_dim:g}) on {len(data.items)} "
-              f"items, {steps_total} steps ({steps_total / data.batches_per_epoch:g} epochs), {world} process(es), "
+        print(f"training {len(network.lora_modules)} {options.network_type} modules, "
+              f"{sum(q.numel() for q in params):,} parameters (rank {t_cfg.network_dim}, alpha "
+              f"{t_cfg.network_alpha:g}, scale {t_cfg.network_alpha / t_cfg.network_dim:g}"
+              f"{f', {len(groups)} learning rates' if len(groups) > 1 else ''}) on {len(data.items)} items, "
+              f"{steps_total} steps ({steps_total / data.batches_per_epoch:g} epochs), {world} process(es), "
               f"device {device}" + (f"; EMA decay {ema.decay:g} ({ema.nbytes / 2**20:.1f} MiB)" if ema else ""))
     return Training(p, base, variant, device, dtype, rank, world, main, data, manifest, fingerprint, steps_total,
-                    dit, network, params, optimizer, base / t_cfg.checkpoint_dir / fingerprint, warning, warm, ema)
+                    dit, network, params, optimizer, base / t_cfg.checkpoint_dir / fingerprint, warning, warm, ema,
+                    groups)
 
 
 def resume(tr: Training) -> Progress:
@@ -332,7 +339,9 @@ def open_run(tr: Training, state: TrainState, history: list[tuple[int, float, fl
     from flux2.tracking import Run, exp_name, tracking_uri
 
     p = tr.p
-    uri, params = tracking_uri(p.tracking.tracking_uri), to_flat_dict(p)
+    uri = tracking_uri(p.tracking.tracking_uri)
+    params = {**to_flat_dict(p), "network.type": tr.network.network_type,
+              "network.modules": len(tr.network.lora_modules), "network.parameters": sum(q.numel() for q in tr.params)}
     parent = state.extra.get("mlflow_run_id") if resumed else None
     run = Run.reopen(uri, p.tracking.experiment, parent, params) if parent else None
     record = tr.ckpt_dir / RUN_RECORD  # the run of this folder's latest training, killed before a checkpoint?
@@ -373,7 +382,7 @@ def train_step(tr: Training, prog: Progress) -> None:
     lr = t_cfg.learning_rate * lr_factor(step, t_cfg.lr_scheduler, tr.steps_total, t_cfg.lr_warmup_steps,
                                          t_cfg.lr_scheduler_num_cycles, t_cfg.lr_scheduler_power)
     for group in tr.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # per-block rates, LoRA+
     prog.lr = lr
     loss_sum = 0.0
     for micro in range(t_cfg.gradient_accumulation_steps):

@@ -1,7 +1,8 @@
 """Warm start (`train.network_weights`): a new training run that begins from an existing LoRA file.
 
 The file may be in any layout flux2.lora_formats reads (kohya / musubi-tuner, ComfyUI-BFL, diffusers-PEFT; told
-apart by its keys). Each of its modules replaces the network's module for the same Linear with the file's rank,
+apart by its keys), of the run's adapter type (LoRA, or a LyCORIS LoKr / LoHa file for train.network_type lokr /
+loha). Each of its modules replaces the network's module for the same Linear with the file's rank,
 alpha and weights, so the run starts from exactly the update the file makes (a diffusers file's fused qkv, three
 separate pieces in the file, may come out with three times the rank). The network's other modules start as
 usual (up = 0: no change). A module of the file that train.include_patterns / exclude_patterns leave out is an
@@ -31,7 +32,7 @@ class WarmStart:
     lora: LoRA
 
     def describe(self) -> str:
-        ranks = "/".join(str(r) for r in sorted({w.rank for w in self.lora.modules.values()}))
+        ranks = "/".join(str(r) for r in sorted({w.rank for w in self.lora.modules.values() if w.rank})) or "full"
         return f"{self.path} ({self.lora.format} layout, {len(self.lora.modules)} modules, rank {ranks})"
 
     def tags(self) -> dict[str, str]:
@@ -45,7 +46,7 @@ def read_network_weights(path: Path) -> WarmStart:
         lora = read_lora(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"{KEY}: {e}") from None
-    bad = [p for p, w in lora.modules.items() if not (torch.isfinite(w.down).all() and torch.isfinite(w.up).all())]
+    bad = [p for p, w in lora.modules.items() if not all(torch.isfinite(t).all() for t in w.tensors().values())]
     if bad:
         raise ValueError(f"{KEY}: {path} holds NaN or inf weights in {len(bad)} modules (e.g. {bad[0]}): it cannot "
                          "be trained on; start from an earlier file")
@@ -59,6 +60,10 @@ def load_network_weights(network: LoRANetwork, dit: torch.nn.Module, warm: WarmS
         loaded = network_from_lora(dit, warm.lora)  # checks every module against the DiT's Linears
     except ValueError as e:
         raise ValueError(f"{KEY}: {e}") from None
+    kinds = {w.kind for w in warm.lora.modules.values()}
+    if kinds != {network.network_type}:
+        raise ValueError(f"{KEY}: {warm.path} holds {'/'.join(sorted(kinds))} modules but this run trains "
+                         f"{network.network_type}: set train.network_type to the file's type to continue it")
     current = {m.path: m for m in network.lora_modules}
     outside = [m.path for m in loaded.lora_modules if m.path not in current]
     if outside:
@@ -68,7 +73,9 @@ def load_network_weights(network: LoRANetwork, dit: torch.nn.Module, warm: WarmS
                          "start from a file without them")
     for m in loaded.lora_modules:
         old = current[m.path]
-        m.dropout, m.rank_dropout, m.module_dropout = old.dropout, old.rank_dropout, old.module_dropout
+        m.rank_dropout, m.module_dropout = old.rank_dropout, old.module_dropout
+        if m.kind == "lora":
+            m.dropout = old.dropout
         m.requires_grad_(True).train(old.training)
         network.add_module(kohya_name(m.path), m)  # same name: it takes the old module's place and order
     network.origin = str(warm.path)
