@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 
 from flux2.cache_store import (BuildStats, CacheError, Dist, Job, build_cache, content_key, peak_rss_mb,
-                               read_mapping, write_mapping)
+                               read_mapping, resolve_store, write_mapping)
 from flux2.loading import resolve_device
 from flux2.variants import Variant, get_variant
 
@@ -63,6 +63,7 @@ class LatentsConfig:
     device: str = "auto"
     report: Path | None = None
     progress: bool = True
+    store: Path | None = None  # the shared store (cache_store.resolve_store)
 
 
 @dataclass
@@ -196,7 +197,8 @@ def cache_latents(cfg: LatentsConfig, dist: Dist | None = None) -> dict[str, Any
         return latents
 
     stats = build_cache(cfg.cache_dir, jobs, meta, load, encode, cfg.batch_size, cfg.shard_mb, dist,
-                        num_workers=cfg.num_workers, progress=cfg.progress, desc="cache_latents", prepare=prepare)
+                        num_workers=cfg.num_workers, progress=cfg.progress, desc="cache_latents", prepare=prepare,
+                        store=cfg.store)
     if dist.rank == 0:
         write_mapping(Path(cfg.cache_dir) / ITEMS_FILE, sorted(items, key=lambda r: r["id"]), ITEMS_SCHEMA, meta)
     report = make_report("cache_latents", stats, dist, items=len(items))
@@ -212,7 +214,8 @@ def make_report(stage: str, stats: BuildStats, dist: Dist, **extra: Any) -> dict
     busy = stats.seconds_encode
     return {
         "stage": stage, **extra, "entries": stats.wanted, "encoded": stats.encoded, "reused": stats.reused,
-        "dropped": stats.dropped, "damaged": stats.damaged, "recovered": stats.recovered, "problems": stats.problems,
+        "dropped": stats.dropped, "damaged": stats.damaged, "recovered": stats.recovered,
+        "from_store": stats.from_store, "problems": stats.problems,
         "encoded_labels": sorted(labels)[:1000], "encoded_labels_truncated": len(labels) > 1000,
         "shards": stats.shards, "shards_deleted": stats.shards_deleted, "shards_compacted": stats.shards_compacted,
         "megabytes": round(stats.bytes / 1e6, 3), "processes": dist.world,
@@ -228,7 +231,8 @@ def finish_report(report: dict[str, Any], path: Path | None) -> None:
     """Print the one-line summary and write the report (atomically) when a path is given."""
     from flux2.atomic import atomic_write_json
 
-    print(f"{report['stage']}: encoded {report['encoded']}, reused {report['reused']}, dropped "
+    shared = f" ({report['from_store']} from the shared store)" if report.get("from_store") else ""
+    print(f"{report['stage']}: encoded {report['encoded']}, reused {report['reused']}{shared}, dropped "
           f"{report['dropped']} ({report['entries']} entries, {report['shards']} shards, {report['megabytes']} MB, "
           f"{report['seconds']} s)")
     if path is not None:
@@ -268,7 +272,7 @@ def config_from_args(args: argparse.Namespace) -> LatentsConfig:
         model_version=args.model_version or model.model_version,
         vae_dtype=args.vae_dtype or model.vae_dtype, batch_size=args.batch_size or cache.batch_size,
         shard_mb=args.shard_mb or cache.shard_mb, num_workers=args.num_workers,
-        device=args.device or model.device,
+        device=args.device or model.device, store=resolve_store(args.store if args.store is not None else cache.store),
         report=Path(args.report) if args.report else base / "reports" / "cache_latents.json")
 
 

@@ -12,6 +12,11 @@ referenced. `CacheReader` reads entries one at a time from memory-mapped shards 
 
 Partly-live shards (some entries dropped, some still wanted) are kept as they are while at least half their
 bytes are live; below that, their live entries are copied into new shards and the old shard is deleted.
+
+The shared store (`resolve_store`: cache.store, $FLUX2_CACHE_STORE, else ~/.cache/flux2/store) lets every
+workspace on a machine reuse what any of them encoded: a build hard-links the store's shards that hold entries
+it lacks into its own folder before encoding, and hard-links its own shards into the store afterwards. Shards
+are immutable once written, so a hard link costs no disk and no copy, and deleting either name leaves the other.
 """
 from __future__ import annotations
 
@@ -37,13 +42,13 @@ from safetensors import safe_open
 from torch import Tensor
 
 from flux2.atomic import atomic_path, remove_temporaries
+from flux2.locks import FolderLockedError, folder_lock
 from flux2.safetensors_io import DTYPES, CheckpointError, read_header, save_file_atomic
 from flux2.variants import Variant, get_variant
 
 # Goes into every key: bump it when the layout of entries or the meaning of a key field changes.
 FORMAT_VERSION = "flux2-cache-1"
 INDEX_FILE = "index.parquet"
-LOCK_FILE = ".lock"  # held (flock) by the process that builds the folder
 SHARD_DIR = "shards"
 META_KEY = b"flux2.cache"
 ROWS_SHA_KEY = b"flux2.rows_sha256"  # mapping files: sha256 of their rows
@@ -483,6 +488,7 @@ class BuildStats:
     dropped: int = 0
     damaged: int = 0
     recovered: int = 0  # reused from shards of an interrupted run
+    from_store: int = 0  # reused from the shared store's shards (linked in)
     problems: list[str] = field(default_factory=list)
     encoded_labels: list[str] = field(default_factory=list)
     shards: int = 0
@@ -497,47 +503,41 @@ class BuildStats:
 
 
 @contextmanager
-def cache_lock(cache_dir: str | Path) -> Iterator[None]:
-    """Hold `cache_dir`'s lock file for the block; CacheError at once if another process holds it. It is an
-    flock: the kernel drops it when its holder exits, even by kill -9, so a crash never leaves a stale lock."""
+def cache_lock(cache_dir: str | Path, command: str = "a cache build") -> Iterator[None]:
+    """Hold `cache_dir`'s lock file for the block; CacheError at once if another process holds it (naming it).
+    An flock (flux2.locks): the kernel drops it when its holder exits, even by kill -9, so a crash never leaves
+    a stale lock."""
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / LOCK_FILE, "a") as f:  # stays empty, so the folder's content (and DVC hash) is stable
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CacheError(f"{cache_dir} is being built by another process right now (it holds "
-                             f"{cache_dir / LOCK_FILE}); wait for it to finish, or give this run another cache "
-                             f"folder") from None
-        yield
+        with folder_lock(cache_dir, "being built by another process right now",
+                         "wait for it to finish, or give this run another cache folder", command):
+            yield
+    except FolderLockedError as e:
+        raise CacheError(str(e)) from None
 
 
 def build_cache(cache_dir: str | Path, jobs: Iterable[Job], meta: dict[str, str],
                 load: Callable[[list[Job]], Any], encode: Callable[[Any], Tensor | list[Tensor]],
                 batch_size: int, shard_mb: int, dist: Dist | None = None, num_workers: int = 2,
-                progress: bool = True, desc: str = "cache", prepare: Callable[[], None] | None = None
-                ) -> BuildStats:
-    """Make `cache_dir` hold exactly the entries of `jobs` (deduplicated by key); see _build_cache.
+                progress: bool = True, desc: str = "cache", prepare: Callable[[], None] | None = None,
+                store: Path | None = None) -> BuildStats:
+    """Make `cache_dir` hold exactly the entries of `jobs` (deduplicated by key); see _build_cache. With a
+    `store` (the shared store folder), entries it holds are linked in instead of encoded, and what is encoded
+    is added to it.
 
     One build per folder at a time: a second process (a second `flux2 cache-latents` on the same folder) is
     refused with a CacheError instead of interleaving its shards, part indexes and deletions with the first's.
     """
     dist = dist or Dist()
-    with cache_lock(cache_dir) if dist.rank == 0 else nullcontext():
+    with cache_lock(cache_dir, stage_name(meta)) if dist.rank == 0 else nullcontext():
         return _build_cache(cache_dir, jobs, meta, load, encode, batch_size, shard_mb, dist, num_workers, progress,
-                            desc, prepare)
+                            desc, prepare, store)
 
 
 def _build_cache(cache_dir: str | Path, jobs: Iterable[Job], meta: dict[str, str],
                  load: Callable[[list[Job]], Any], encode: Callable[[Any], Tensor | list[Tensor]],
                  batch_size: int, shard_mb: int, dist: Dist | None = None, num_workers: int = 2,
-                 progress: bool = True, desc: str = "cache", prepare: Callable[[], None] | None = None
-                 ) -> BuildStats:
+                 progress: bool = True, desc: str = "cache", prepare: Callable[[], None] | None = None,
+                 store: Path | None = None) -> BuildStats:
     """Make `cache_dir` hold exactly the entries of `jobs` (deduplicated by key).
 
     Entries already in the index whose checksums pass are reused; the rest are made by `encode(load(batch))`,
@@ -561,11 +561,15 @@ def _build_cache(cache_dir: str | Path, jobs: Iterable[Job], meta: dict[str, str
         unique.setdefault(job.key, job)
     stats.wanted = len(unique)
 
+    linked: set[str] = set()  # keys of the shards linked in from the store (rank 0)
     if dist.rank == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
         for p in cache_dir.iterdir():  # part indexes of a run that died before merging
             if _PART_RE.match(p.name):
                 p.unlink()
+        if store is not None:  # linked-in shards are then found (and verified) like those of an interrupted run
+            indexed_keys = {r["key"] for r in _read_old_rows(cache_dir, kind)}
+            linked = take_from_store(cache_dir, store, kind, set(unique) - indexed_keys)
     dist.barrier()
 
     old_rows = _read_old_rows(cache_dir, kind)
@@ -595,6 +599,9 @@ def _build_cache(cache_dir: str | Path, jobs: Iterable[Job], meta: dict[str, str
     stats.damaged = len({r["key"] for r in candidates} - good_keys)
     stats.reused = len(kept)
     stats.recovered = len({r["key"] for r in kept} - indexed)
+    if linked:
+        stats.from_store = len({r["key"] for r in kept} & linked)
+        stats.recovered -= stats.from_store
     stats.dropped = len(indexed - set(unique))
 
     missing = [job for key, job in unique.items() if key not in good_keys]
@@ -625,6 +632,8 @@ def _build_cache(cache_dir: str | Path, jobs: Iterable[Job], meta: dict[str, str
         for r in range(dist.world):
             (cache_dir / f"index.part-r{r}.parquet").unlink()
         stats.shards_deleted = _delete_unreferenced(cache_dir, {r["shard"] for r in rows}, kind)
+        if store is not None:
+            add_to_store(cache_dir, store, kind, {r["shard"] for r in rows})
         stats.shards = len({r["shard"] for r in rows})
         stats.bytes = sum(r["nbytes"] for r in rows)
     summary = dist.gather((stats.shards, stats.shards_deleted, stats.shards_compacted, stats.bytes))[0]
@@ -632,6 +641,77 @@ def _build_cache(cache_dir: str | Path, jobs: Iterable[Job], meta: dict[str, str
     dist.barrier()
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shared store
+
+STORE_ENV = "FLUX2_CACHE_STORE"
+
+
+def resolve_store(setting: str | bool | None = None) -> Path | None:
+    """The shared store folder: `setting` (params cache.store or --store: a path, relative ones from the
+    repository root; false or `off` for none), else $FLUX2_CACHE_STORE (a path or `off`), else
+    $XDG_CACHE_HOME/flux2/store (~/.cache/flux2/store)."""
+    from flux2.tracking import repo_root
+
+    for value in (setting, os.environ.get(STORE_ENV)):
+        if value is False or (isinstance(value, str) and value.strip().lower() in ("", "off", "false", "none")):
+            return None
+        if isinstance(value, str):
+            return repo_root() / value
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flux2" / "store"
+
+
+def _link(src: Path, dst: Path) -> bool:
+    """Hard-link `src` as `dst` (an existing `dst` is kept: names are unique, so it is the same shard); False,
+    with a note, where the two folders are on different file systems (the store is then not used: it never
+    costs a copy)."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        print(f"note: shared cache store not used: cannot hard-link {src} as {dst} ({e.strerror or e}); put "
+              f"cache.store (or ${STORE_ENV}) on the file system of the workspace, or set it to false")
+        return False
+    return True
+
+
+def take_from_store(cache_dir: Path, store: Path, kind: str, wanted: set[str]) -> set[str]:
+    """Link into `cache_dir` the store's shards of `kind` that hold any of the `wanted` keys; returns the keys
+    they hold. Nothing is trusted: the linked shards are verified like the folder's own."""
+    folder, found = store / kind, set()
+    if not wanted or not folder.is_dir():
+        return found
+    own = cache_dir / SHARD_DIR
+    for path in sorted(folder.glob(f"{kind}-*.safetensors")):
+        if found >= wanted:
+            break
+        try:
+            header, _ = read_header(path)
+        except (CheckpointError, OSError):
+            continue
+        keys = (set(header) - {"__metadata__"}) & (wanted - found)
+        if keys and header.get("__metadata__", {}).get("format_version") == FORMAT_VERSION:
+            own.mkdir(parents=True, exist_ok=True)
+            if not _link(path, own / path.name):
+                break
+            found |= keys
+    return found
+
+
+def add_to_store(cache_dir: Path, store: Path, kind: str, shards: set[str]) -> None:
+    """Hard-link the folder's `shards` into the store (those it lacks)."""
+    folder = store / kind
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"note: shared cache store not used: cannot create {folder} ({e.strerror or e})")
+        return
+    for shard in sorted(shards):
+        if not (folder / Path(shard).name).exists() and not _link(cache_dir / shard, folder / Path(shard).name):
+            return
 
 
 def _read_old_rows(cache_dir: Path, kind: str) -> list[dict]:

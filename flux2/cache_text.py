@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from flux2.cache_latents import DTYPES, finish_report, make_report, process_device, resolve_manifest
-from flux2.cache_store import Dist, Job, build_cache, content_key, read_mapping, write_mapping
+from flux2.cache_store import Dist, Job, build_cache, content_key, read_mapping, resolve_store, write_mapping
 from flux2.loading import resolve_dtype
 from flux2.variants import Variant, get_variant
 
@@ -52,6 +52,7 @@ class TextConfig:
     device: str = "auto"
     report: Path | None = None
     progress: bool = True
+    store: Path | None = None  # the shared store (cache_store.resolve_store)
 
 
 def text_identity(text_encoder: str | Path, variant: Variant, tokenizer: str | Path | None, dtype: torch.dtype,
@@ -150,7 +151,7 @@ def cache_text(cfg: TextConfig, dist: Dist | None = None) -> dict[str, Any]:
 
     stats = build_cache(cfg.cache_dir, jobs, meta, lambda batch: [job.payload for job in batch], encode,
                         cfg.batch_size, cfg.shard_mb, dist, num_workers=1, progress=cfg.progress,
-                        desc="cache_text", prepare=prepare)
+                        desc="cache_text", prepare=prepare, store=cfg.store)
     if dist.rank == 0:
         rows = [{"text": text, "key": keys[text], "roles": roles} for text, roles in prompts.items()]
         write_mapping(Path(cfg.cache_dir) / PROMPTS_FILE, sorted(rows, key=lambda r: r["text"]), PROMPTS_SCHEMA,
@@ -199,5 +200,5 @@ def config_from_args(args: argparse.Namespace) -> TextConfig:
         dtype=args.dtype or model.dtype, text_dtype=args.text_dtype or cache.text_dtype,
         fp8_text_encoder=args.fp8_text_encoder if args.fp8_text_encoder is not None else model.fp8_text_encoder,
         batch_size=args.batch_size or cache.batch_size, shard_mb=args.shard_mb or cache.shard_mb,
-        device=args.device or model.device,
+        device=args.device or model.device, store=resolve_store(args.store if args.store is not None else cache.store),
         report=Path(args.report) if args.report else base / "reports" / "cache_text.json")

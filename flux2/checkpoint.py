@@ -2,10 +2,11 @@
 
 A checkpoint is a folder `step-00000100/` holding `lora.safetensors` (network weights), `optimizer.safetensors`
 (optimizer state tensors; param groups and scalars as JSON metadata), in runs with an EMA `ema.safetensors` (its
-averages and update count) and `state.json` (step, data position, RNG, sha256 of the tensor files, and of the
-record itself). It is written under a temporary name and renamed into place, so a folder named `step-*` is always
-complete; the checksums catch later truncation or bit flips (in any of the files), and loading then falls back to
-the previous good checkpoint.
+averages and update count) and `state.json` (step, data position, RNG, the loss history up to this step, sha256
+of the tensor files, and of the record itself). The history lives here, not only in plots/train_loss.csv,
+because DVC deletes a stage's declared plots before it reruns the stage. A checkpoint is written under a
+temporary name and renamed into place, so a folder named `step-*` is always complete; the checksums catch later
+truncation or bit flips (in any of the files), and loading then falls back to the previous good checkpoint.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class TrainState:
     bad_steps: int = 0  # non-finite steps skipped so far
     rng: list[int] = field(default_factory=list)  # torch CPU RNG state bytes
     extra: dict[str, Any] = field(default_factory=dict)
+    history: list[list[float]] = field(default_factory=list)  # [step, loss, lr] of every good step so far
 
 
 
@@ -99,9 +101,10 @@ def checkpoint_folder(folder: str | Path, step: int) -> Path:
 def save_checkpoint(folder: str | Path, state: TrainState, lora: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, keep_last: int = 2,
                     ema: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `folder/step-XXXXXXXX/` atomically and delete all but the newest `keep_last` checkpoints; `ema` (the
-    EMA's state, if the run keeps one) goes into `ema.safetensors`. LoRA weights holding NaN or inf are refused
-    (ValueError): such a checkpoint could only ruin a resumed run."""
+    """Write `folder/step-XXXXXXXX/` atomically and delete all but the newest `keep_last` checkpoints up to this
+    step (those of later steps, from a longer run of the same configuration, are kept); `ema` (the EMA's state,
+    if the run keeps one) goes into `ema.safetensors`. LoRA weights holding NaN or inf are refused (ValueError):
+    such a checkpoint could only ruin a resumed run."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = checkpoint_folder(folder, state.step)
@@ -130,7 +133,7 @@ def save_checkpoint(folder: str | Path, state: TrainState, lora: dict[str, torch
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(folder)[:-keep_last]:
+    for old in [c for c in list_checkpoints(folder) if c.name <= final.name][:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -141,6 +144,23 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.glob("step-*") if p.is_dir() and (p / "state.json").is_file())
+
+
+def adopt_flat_checkpoints(root: str | Path) -> None:
+    """Move checkpoints of the older flat layout (`root/step-*`) into their configuration's folder
+    (`root/<fingerprint>/step-*`, the fingerprint from their state.json) and delete the temporary folders of
+    killed writes there. Only for the holder of `root`'s training lock (flux2.train)."""
+    root = Path(root)
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for path in list_checkpoints(root):
+        try:
+            fingerprint = json.loads((path / "state.json").read_text())["extra"]["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours to move: left where it is
+        if isinstance(fingerprint, str) and fingerprint.isalnum() and not (root / fingerprint / path.name).exists():
+            (root / fingerprint).mkdir(exist_ok=True)
+            os.replace(path, root / fingerprint / path.name)
 
 
 def verify_checkpoint(path: Path) -> dict:
@@ -161,18 +181,25 @@ def verify_checkpoint(path: Path) -> dict:
             raise CheckpointError(f"{file} is missing or corrupted (checksum mismatch)")
     ints = ("step", "epoch", "batch_in_epoch", "bad_steps")
     if not (all(type(record.get(k, 0)) is int and record.get(k, 0) >= 0 for k in ints) and "step" in record
-            and isinstance(record.get("rng", []), list) and isinstance(record.get("extra", {}), dict)):
-        raise CheckpointError(f"{state_file} has malformed fields ({', '.join(ints)}, rng, extra)")
+            and isinstance(record.get("rng", []), list) and isinstance(record.get("extra", {}), dict)
+            and isinstance(record.get("history", []), list)
+            and all(isinstance(r, list) and len(r) == 3 for r in record.get("history", []))):
+        raise CheckpointError(f"{state_file} has malformed fields ({', '.join(ints)}, rng, extra, history)")
     return record
 
 
-def load_latest_checkpoint(folder: str | Path, optimizer: torch.optim.Optimizer
+def load_latest_checkpoint(folder: str | Path, optimizer: torch.optim.Optimizer, max_step: int | None = None
                            ) -> tuple[TrainState, dict[str, torch.Tensor]] | None:
-    """The newest checkpoint that verifies: restores the optimizer, returns (state, lora weights). Corrupted
-    ones are reported and skipped in favour of the previous good one; None when there is none."""
+    """The newest checkpoint (of at most `max_step` steps) that verifies: restores the optimizer, returns (state,
+    lora weights). Corrupted ones are reported and skipped in favour of the previous good one; None when there
+    is none."""
     for path in reversed(list_checkpoints(folder)):
+        if max_step is not None and path.name > f"step-{max_step:08d}":
+            continue
         try:
             record = verify_checkpoint(path)
+            if max_step is not None and record["step"] > max_step:
+                continue
             lora = load_file(path / "lora.safetensors")
             opt_file = path / "optimizer.safetensors"
             try:

@@ -217,6 +217,8 @@ def add_cache_latents(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: model.device, auto)")
     p.add_argument("--report", default=None, help="JSON report (default: reports/cache_latents.json)")
     add_ignored_options(p, IGNORED_CACHE_OPTIONS)
+    p.add_argument("--store", default=None, help="shared cache store folder, or off (default: cache.store, else "
+                   "$FLUX2_CACHE_STORE, else ~/.cache/flux2/store; docs/caching.md)")
     p.set_defaults(func=run_cache_latents)
 
 
@@ -255,6 +257,8 @@ def add_cache_text(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: model.device, auto)")
     p.add_argument("--report", default=None, help="JSON report (default: reports/cache_text.json)")
     add_ignored_options(p, IGNORED_TEXT_OPTIONS)
+    p.add_argument("--store", default=None, help="shared cache store folder, or off (default: cache.store, else "
+                   "$FLUX2_CACHE_STORE, else ~/.cache/flux2/store; docs/caching.md)")
     p.set_defaults(func=run_cache_text)
 
 

@@ -55,7 +55,8 @@ class RunView:
 
 
 def find_run(client, key: str, experiment: str):
-    """The run with id `key`, else the latest run named `key` in `experiment`."""
+    """The run with id `key`, else the latest run of DVC experiment `key` (tag dvc.exp_name, as `dvc exp show`
+    names it), else the latest run named `key` in `experiment`."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -63,13 +64,16 @@ def find_run(client, key: str, experiment: str):
     except MlflowException:
         pass
     exp = client.get_experiment_by_name(experiment)
-    runs = [] if exp is None else client.search_runs(
-        [exp.experiment_id], filter_string=f"attributes.run_name = '{key}'", order_by=["attributes.start_time DESC"],
-        max_results=1)
+    runs = []
+    for where in (f"tags.`dvc.exp_name` = '{key}'", f"attributes.run_name = '{key}'"):
+        if exp is not None and not runs and "'" not in key:
+            runs = client.search_runs([exp.experiment_id], filter_string=where,
+                                      order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
-        where = f"experiment {experiment!r}" if exp is not None else f"the store (no experiment {experiment!r})"
-        raise CompareError(f"no MLflow run with id or name {key!r} in {where}; list runs with `mlflow runs list "
-                           f"--experiment-id ...` or give --tracking_uri / --experiment")
+        place = f"experiment {experiment!r}" if exp is not None else f"the store (no experiment {experiment!r})"
+        raise CompareError(f"no MLflow run with id, DVC experiment name or run name {key!r} in {place}; list runs "
+                           f"with `mlflow runs list --experiment-id ...` or `dvc exp show`, or give --tracking_uri "
+                           f"/ --experiment")
     return runs[0]
 
 

@@ -22,11 +22,12 @@ metrics/train.json).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,10 +36,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from flux2 import plots, sampling
-from flux2.atomic import atomic_write_json, atomic_write_text
+from flux2.atomic import atomic_write_json, atomic_write_text, sha256_file
 from flux2.cache_store import CacheError, CacheReader, check_cache_compatible
 from flux2.ema import ema_path
-from flux2.params import Params
+from flux2.params import Params, to_flat_dict
 from flux2.train_data import mix_seed, model_fingerprints
 from flux2.variants import Variant, get_variant
 
@@ -361,23 +362,33 @@ def write_plots(base: Path, timesteps: list[float], curves: dict, items: dict[st
     return paths
 
 
-def log_to_mlflow(p: Params, summary: dict, metrics: dict, eval_files: list[Path], plot_files: list[Path]
-                  ) -> str | None:
-    """Metrics (flattened, `eval_*`) and files into the training's MLflow run; returns its id."""
-    from flux2.tracking import Run, tracking_uri
+def log_to_mlflow(p: Params, summary: dict, metrics: dict, eval_files: list[Path], plot_files: list[Path],
+                  lora_path: Path, base: Path) -> str | None:
+    """Metrics (flattened, `eval_*`) and files into the training's MLflow run (tracking.evaluation_run: or a
+    run of its own when the training run was already evaluated otherwise); returns the run's id. Under DVC the
+    dvc.lock too: by now it holds the train stage's entry of this run."""
+    import os
+
+    from flux2.tracking import evaluation_run, tracking_uri
 
     run_id = summary.get("mlflow_run_id")
     if not run_id:
         print("warning: metrics/train.json names no MLflow run; nothing logged")
         return None
-    run = Run(tracking_uri(p.tracking.tracking_uri), p.tracking.experiment, run_id=run_id)
+    digest = sha256_file(lora_path) + json.dumps([asdict(p.model), asdict(p.eval)], sort_keys=True, default=str)
+    run = evaluation_run(tracking_uri(p.tracking.tracking_uri), p.tracking.experiment, run_id,
+                         hashlib.sha256(digest.encode()).hexdigest()[:16], to_flat_dict(p))
     run.log_metrics(flatten(metrics, "eval"), int(summary.get("steps", 0)))
     run.flush()
     run.set_tags({"flux2.eval_lora_weights": metrics["lora_weights"]})
     for folder, paths in (("eval", eval_files), ("plots", plot_files)):
         for path in paths:
             run.log_artifact(path, folder)
-    return run_id
+    if os.environ.get("DVC_STAGE") and (base / "dvc.lock").is_file():
+        run.log_artifact(base / "dvc.lock")
+    if run.run_id != run_id:
+        run.end()  # an evaluation run of its own is complete now; the training run keeps its status
+    return run.run_id
 
 
 def evaluate(p: Params, base: Path = Path("."), progress: bool = True) -> dict:
@@ -444,7 +455,7 @@ def evaluate(p: Params, base: Path = Path("."), progress: bool = True) -> dict:
     metrics_path = base / "metrics" / "eval.json"
     atomic_write_json(metrics_path, metrics)
     plot_paths = write_plots(base, e.timesteps, curves, metrics["items"], p.train.output_name, split)
-    run_id = log_to_mlflow(p, summary, metrics, [metrics_path, grid_path], plot_paths)
+    run_id = log_to_mlflow(p, summary, metrics, [metrics_path, grid_path], plot_paths, lora_path, base)
 
     def change(pair: dict) -> str:
         return "n/a" if pair["base"] is None else f"{pair['base']:.4f} -> {pair['lora']:.4f}"

@@ -88,6 +88,7 @@ class CacheParams:
     shard_mb: int = 256
     batch_size: int = 8
     text_dtype: str = "bfloat16"
+    store: str | bool | None = None  # shared entry store: null = $FLUX2_CACHE_STORE or ~/.cache/flux2/store; false
 
 
 @dataclass
@@ -280,6 +281,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# What YAML 1.1 (PyYAML) reads as a bool. `dvc exp run -S` writes values back unquoted, so a choice such as
+# `mixed_precision: "no"` comes back as `no`, which is False: the word is recovered from the bool.
+YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+def _yaml_word(value: bool, choices: list) -> Any:
+    """The choice that YAML turned into `value` (e.g. "no" for False), or `value` unchanged (then an error)."""
+    return next((w for w in YAML_BOOL_WORDS[value] if w in choices), value)
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -291,8 +302,12 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             hint = f"; did you mean {prefix + '.' if prefix else ''}{near[0]}?" if near else \
                 f"; valid keys: {', '.join(names)}"
             raise ParamsError(f"{full}: unknown key{hint}")
-        kwargs[key] = _convert(value, hints[key], full)
         choices = CHOICES.get(full)
+        if choices is not None and isinstance(value, bool):
+            value = _yaml_word(value, choices)
+            if isinstance(value, bool):
+                raise ParamsError(f"{full}: {value!r} is not one of {', '.join(map(str, choices))}")
+        kwargs[key] = _convert(value, hints[key], full)
         if choices is not None and kwargs[key] not in choices:
             raise ParamsError(f"{full}: {kwargs[key]!r} is not one of {', '.join(map(str, choices))}")
     return cls(**kwargs)

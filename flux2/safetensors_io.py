@@ -214,6 +214,7 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     The data goes to a temporary file in the same folder, is fsynced, then renamed over `path`. On any error
     the temporary file is removed and the error raised again naming `path` (an OSError stays an OSError with
     its errno; anything else becomes a ValueError). Tensors must be contiguous and must not share memory.
+    The same tensors and metadata give the same bytes on every run (`_canonical_header`).
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -223,6 +224,7 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         # A fresh name beside the target (same file system, so the rename is atomic).
         tmp_name = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
         save_file(tensors, tmp_name, metadata=metadata)
+        _canonical_header(Path(tmp_name))
         # safetensors itself writes through mkstemp (mode 0600): give the file the usual umask permissions.
         umask = os.umask(0)
         os.umask(umask)
@@ -242,6 +244,29 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         if tmp_name is not None and os.path.exists(tmp_name):
             os.remove(tmp_name)
         raise
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite the header of a file safetensors just wrote with its entries and metadata in sorted order.
+
+    safetensors serialises `__metadata__` from a hash map, so its key order (and the file's bytes, sha256 and
+    DVC hash) differ from one process to the next for the same content. The sorted header is the same JSON
+    re-ordered, hence (nearly always) the same length: it is written over the old one in place, padded with
+    spaces as safetensors pads it; a longer one (other escaping) means copying the data behind a new header."""
+    with open(path, "r+b") as f:
+        old_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(old_len))
+        ordered = {k: (dict(sorted(v.items())) if k == "__metadata__" else v) for k, v in sorted(header.items())}
+        raw = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(raw) <= old_len:
+            f.seek(8)
+            f.write(raw + b" " * (old_len - len(raw)))
+            return
+        data = f.read()  # rare: the re-encoded header grew; the file is rewritten whole
+        raw += b" " * (-len(raw) % 8)
+        f.seek(0)
+        f.write(len(raw).to_bytes(8, "little") + raw + data)
+        f.truncate()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -2,7 +2,12 @@
 
 The default store is `sqlite:///<repo>/mlflow.db` with artifacts in `<repo>/mlartifacts`, both absolute: `dvc exp
 run --temp/--queue` executes stages in `<repo>/.dvc/tmp/exps/...` copies, and a relative URI would scatter runs
-into folders that are deleted afterwards.
+into folders that are deleted afterwards. MLflow records each experiment's and run's artifact folder as an
+absolute URI; when the project (with mlflow.db and mlartifacts/) is moved or copied, `relocate_store` points
+those records at the new folder, so a moved project never writes into (or reads from) the old one.
+
+One MLflow run per training run: a resumed run (same checkpoint lineage, exactly the same parameters) continues
+its run and never logs a step twice (`Run.reopen`); anything else is a new run.
 """
 from __future__ import annotations
 
@@ -66,6 +71,38 @@ def init_store(uri: str) -> None:
             pass
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def relocate_store(uri: str) -> int:
+    """Point the artifact locations recorded in a sqlite store at `mlartifacts/` beside it, where they point at
+    the `mlartifacts/` of another folder (the project was moved or copied); returns how many records changed.
+    Only locations this module made (ending in /mlartifacts) are touched."""
+    if not uri.startswith("sqlite:///") or not Path(uri.removeprefix("sqlite:///")).is_file():
+        return 0
+    import sqlalchemy
+
+    here = artifact_location(uri)
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        with engine.begin() as con:
+            old = {row[0] for row in con.execute(sqlalchemy.text(
+                "SELECT artifact_location FROM experiments WHERE artifact_location LIKE '%/mlartifacts' "
+                "AND artifact_location != :here"), {"here": here})}
+            changed = 0
+            for root in old:
+                changed += con.execute(sqlalchemy.text(
+                    "UPDATE experiments SET artifact_location = :here || substr(artifact_location, :n) "
+                    "WHERE substr(artifact_location, 1, :n - 1) = :root"),
+                    {"here": here, "root": root, "n": len(root) + 1}).rowcount
+                changed += con.execute(sqlalchemy.text(
+                    "UPDATE runs SET artifact_uri = :here || substr(artifact_uri, :n) "
+                    "WHERE substr(artifact_uri, 1, :n - 1) = :root"),
+                    {"here": here, "root": root, "n": len(root) + 1}).rowcount
+    finally:
+        engine.dispose()
+    if changed:
+        print(f"note: the MLflow store moved: {changed} artifact locations now point at {here}")
+    return changed
 
 
 def experiment_id(client: Any, name: str, uri: str) -> str:
@@ -139,6 +176,14 @@ class GuardedClient:
             with store_errors(self._uri):
                 return attr(*args, **kwargs)
         return call
+def exp_name() -> str | None:
+    """The DVC experiment this process runs in (`dvc exp run` sets DVC_EXP_NAME), else None."""
+    return os.environ.get("DVC_EXP_NAME") or None
+
+
+def param_strings(params: dict[str, Any]) -> dict[str, str]:
+    """Parameters as MLflow stores them (strings of at most 6000 characters)."""
+    return {k: str(v)[:6000] for k, v in params.items()}
 
 
 class Run:
@@ -152,17 +197,38 @@ class Run:
         check_server(uri)
         with store_errors(uri):
             init_store(uri)
+            relocate_store(uri)
         self.client = GuardedClient(MlflowClient(tracking_uri=uri), uri)
         if run_id is None:
             run_id = self.client.create_run(experiment_id(self.client, experiment, uri), run_name=run_name).info.run_id
         self.run_id = run_id
         self.flush_every = flush_every
         self.pending: list[Any] = []
+        self.logged_upto: dict[str, int] = {}  # metric -> last step already in the store (a reopened run)
+
+    @classmethod
+    def reopen(cls, uri: str, experiment: str, run_id: str, params: dict[str, Any], unfinished_only: bool = False
+               ) -> "Run | None":
+        """The existing run `run_id` to continue, if it is in the store and has exactly these parameters (and,
+        with `unfinished_only`, was killed or failed), else None: the caller starts a new run. Steps it already
+        holds are not logged again (`log_metrics`)."""
+        from mlflow.exceptions import MlflowException
+
+        run = cls(uri, experiment, run_id=run_id)
+        try:
+            info = run.client.get_run(run_id)
+        except MlflowException:
+            return None
+        if info.data.params != param_strings(params) or (unfinished_only and info.info.status == "FINISHED"):
+            return None
+        for key in info.data.metrics:
+            run.logged_upto[key] = max(m.step for m in run.client.get_metric_history(run_id, key))
+        return run
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, v) for k, v in param_strings(params).items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -172,10 +238,12 @@ class Run:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue metrics of `step` (flushed in batches); a step the store already holds for a metric is skipped."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()
+                         if step > self.logged_upto.get(k, -1)]
         if len(self.pending) >= self.flush_every:
             self.flush()
 
@@ -190,3 +258,27 @@ class Run:
     def end(self, status: str = "FINISHED") -> None:
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
+
+
+def evaluation_run(uri: str, experiment: str, train_run_id: str, digest: str, params: dict[str, Any]) -> Run:
+    """Where an evaluation is logged: the training's run, unless that run already holds an evaluation of other
+    inputs (another model/eval setting: `digest`), as when a DVC experiment changes only eval params and reuses
+    the baseline's LoRA. Then it is a run of its own, a child of the training run (`mlflow.parentRunId`), found
+    again by its digest; an experiment never writes into another's record."""
+    run = Run(uri, experiment, run_id=train_run_id)
+    tags = run.client.get_run(train_run_id).data.tags
+    if tags.get("flux2.eval_digest", digest) == digest:
+        run.set_tags({"flux2.eval_digest": digest})
+        return run
+    exp = run.client.get_run(train_run_id).info.experiment_id
+    same = run.client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{train_run_id}' and "
+                                                       f"tags.`flux2.eval_digest` = '{digest}'", max_results=1)
+    if same:
+        return Run(uri, experiment, run_id=same[0].info.run_id)
+    child = Run(uri, experiment, run_name=exp_name() or f"{tags.get('mlflow.runName', train_run_id)}-eval")
+    child.log_params(params)
+    child.set_tags({"mlflow.parentRunId": train_run_id, "flux2.kind": "evaluation", "flux2.eval_digest": digest,
+                    **({"dvc.exp_name": exp_name()} if exp_name() else {})})
+    print(f"MLflow run {train_run_id} was evaluated with other settings before: this evaluation is run "
+          f"{child.run_id}, its child")
+    return child

@@ -1,12 +1,14 @@
 """LoRA training: the `train` stage and `flux2 train`.
 
 Flow matching on cached latents and text embeddings: x_t = (1 - t) x0 + t noise, the DiT predicts the velocity
-noise - x0, MSE. Reads the caches only (no text encoder in memory). Checkpoints every `save_every_n_steps` and
-resumes from the last good one; every random draw is a function of (seed, step), so a resumed run ends with the
-same LoRA as an uninterrupted one. Several processes (`accelerate launch`) average their LoRA gradients, so two
-processes with batch B equal one process with batch 2B. `train.network_weights` starts from an existing LoRA
-(flux2/warm_start.py); `train.ema_decay` keeps an EMA of the LoRA (flux2/ema.py), checkpointed with it and saved
-beside it; `save_every_n_epochs` / `sample_every_n_epochs` add per-epoch LoRA files and samples.
+noise - x0, MSE. Reads the caches only (no text encoder in memory). Checkpoints every `save_every_n_steps` into
+`checkpoint_dir/<fingerprint>/` (one folder per configuration, none ever deleted for another) and resumes from
+the last good one; every random draw is a function of (seed, step), so a resumed run ends with the same LoRA,
+loss history and MLflow metrics as an uninterrupted one. One training at a time per checkpoint folder (a lock).
+Several processes (`accelerate launch`) average their LoRA gradients, so two processes with batch B equal one
+process with batch 2B. `train.network_weights` starts from an existing LoRA (flux2/warm_start.py);
+`train.ema_decay` keeps an EMA of the LoRA (flux2/ema.py), checkpointed with it and saved beside it;
+`save_every_n_epochs` / `sample_every_n_epochs` add per-epoch LoRA files and samples.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ import logging
 import math
 import os
 import resource
-import shutil
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from flux2 import sampling, timesteps
 from flux2.atomic import atomic_write_json, atomic_write_text, remove_temporaries, sha256_file
-from flux2.checkpoint import TrainState, list_checkpoints, load_ema_state, load_latest_checkpoint, save_checkpoint
+from flux2.checkpoint import TrainState, adopt_flat_checkpoints, load_ema_state, load_latest_checkpoint, save_checkpoint
 from flux2.ema import EMA, ema_path
 from flux2.optim import build_optimizer, check_optimizer, lr_factor
 from flux2.params import Params, to_flat_dict
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from flux2.warm_start import WarmStart
 
 log = logging.getLogger("flux2.train")
+RUN_RECORD = "mlflow_run_id.txt"  # in a configuration's checkpoint folder: the MLflow run of its last training
 
 
 class TrainingError(RuntimeError):
@@ -225,7 +227,21 @@ class Progress:
 
 
 def train(p: Params, base: Path = Path("."), progress: bool = True) -> TrainResult:
-    """Train a LoRA as params.yaml says; returns where it was written. Paths are relative to `base`."""
+    """Train a LoRA as params.yaml says; returns where it was written. Paths are relative to `base`. A second
+    training on the same checkpoint folder is refused while this one runs (flux2.locks)."""
+    from contextlib import nullcontext
+
+    from flux2.locks import folder_lock
+
+    main_process = int(os.environ.get("RANK", "0")) == 0  # before accelerate starts: only rank 0 holds the lock
+    lock = folder_lock(base / p.train.checkpoint_dir, "in use by another training right now",
+                       "wait for it to finish, or give this run another train.checkpoint_dir",
+                       "flux2 train") if main_process else nullcontext()
+    with lock:
+        return _train(p, base, progress)
+
+
+def _train(p: Params, base: Path, progress: bool) -> TrainResult:
     tr = setup(p, base)
     prog = resume(tr)
     bar = tqdm(total=tr.steps_total, initial=prog.state.step, desc="training", unit="step",
@@ -330,7 +346,8 @@ def setup(p: Params, base: Path) -> Training:
               f"{steps_total} steps ({steps_total / data.batches_per_epoch:g} epochs), {world} process(es), "
               f"device {device}" + (f"; EMA decay {ema.decay:g} ({ema.nbytes / 2**20:.1f} MiB)" if ema else ""))
     return Training(p, base, variant, device, dtype, rank, world, main, data, manifest, fingerprint, steps_total,
-                    dit, network, params, optimizer, base / t_cfg.checkpoint_dir, warning, warm, ema, groups)
+                    dit, network, params, optimizer, base / t_cfg.checkpoint_dir / fingerprint, warning, warm, ema,
+                    groups)
 
 
 def check_inputs(p: Params, main: bool) -> None:
@@ -344,20 +361,13 @@ def check_inputs(p: Params, main: bool) -> None:
 
 
 def resume(tr: Training) -> Progress:
-    """The newest checkpoint of this configuration (LoRA and optimizer restored) or step 0; the MLflow run."""
-    from flux2.tracking import Run, tracking_uri
-
-    p, t_cfg, ckpt_dir, main = tr.p, tr.p.train, tr.ckpt_dir, tr.main
+    """The newest checkpoint of this configuration with at most steps_total steps (LoRA, optimizer and loss
+    history restored) or step 0; the MLflow run (`open_run`)."""
+    ckpt_dir, main = tr.ckpt_dir, tr.main
+    if main:
+        adopt_flat_checkpoints(ckpt_dir.parent)
     train_state = TrainState(step=0, extra={"fingerprint": tr.fingerprint})
-    resumed = load_latest_checkpoint(ckpt_dir, tr.optimizer) if list_checkpoints(ckpt_dir) else None
-    if resumed is not None and resumed[0].extra.get("fingerprint") != tr.fingerprint:
-        if main:
-            print(f"checkpoints in {ckpt_dir} belong to another configuration; starting from step 0")
-            for old in list_checkpoints(ckpt_dir):
-                shutil.rmtree(old, ignore_errors=True)
-        tr.optimizer = build_optimizer(tr.param_groups, t_cfg.optimizer_type, t_cfg.learning_rate,
-                                       t_cfg.optimizer_args)
-        resumed = None
+    resumed = load_latest_checkpoint(ckpt_dir, tr.optimizer, max_step=tr.steps_total)
     if resumed is not None:
         train_state, lora_sd = resumed
         tr.network.load_weights(lora_sd)
@@ -369,31 +379,53 @@ def resume(tr: Training) -> Progress:
             tr.ema.load_state_dict(ema_state)
         if main:
             print(f"resuming from {ckpt_dir}/step-{train_state.step:08d}")
+    elif main and any(d.is_dir() and d != ckpt_dir for d in ckpt_dir.parent.iterdir()):
+        print(f"starting from step 0 (the checkpoints of other configurations in {ckpt_dir.parent} are kept)")
+    history = [(int(s), float(l), float(r)) for s, l, r in train_state.history]
+    run = open_run(tr, train_state, history, resumed is not None) if main else None
+    return Progress(train_state, history, tr.base / "plots" / "train_loss.csv", run,
+                    history[-1][1] if history else float("nan"))
 
-    run = None
-    if main:
-        run = Run(tracking_uri(p.tracking.tracking_uri), p.tracking.experiment,
-                  run_id=train_state.extra.get("mlflow_run_id"), run_name=t_cfg.output_name)
-        train_state.extra["mlflow_run_id"] = run.run_id
-        if resumed is not None:
-            run.client.update_run(run.run_id, status="RUNNING")  # it failed or was killed before
-        if resumed is None:
-            run.log_params({**to_flat_dict(p), "network.type": tr.network.network_type,
-                            "network.modules": len(tr.network.lora_modules),
-                            "network.parameters": sum(q.numel() for q in tr.params)})
-            tags = {"flux2.variant": tr.variant.name, "flux2.commit": git_commit(tr.base),
-                    "flux2.manifest_sha256": sha256_file(tr.manifest), "flux2.fingerprint": tr.fingerprint}
-            if os.environ.get("DVC_EXP_NAME"):
-                tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-            if tr.warning:
-                tags["flux2.warning"] = tr.warning
-            if tr.warm_start is not None:
-                tags.update(tr.warm_start.tags())
-            run.set_tags(tags)
 
-    history_path = tr.base / "plots" / "train_loss.csv"
-    history = _read_history(history_path, train_state.step) if resumed is not None else []
-    return Progress(train_state, history, history_path, run, history[-1][1] if history else float("nan"))
+def open_run(tr: Training, state: TrainState, history: list[tuple[int, float, float]], resumed: bool):
+    """The MLflow run of this training: the checkpoint's own run when it has exactly these parameters (a resumed
+    run), else a new one; a new run that continues another run's checkpoint (the same configuration with other
+    settings, e.g. trained for more steps) is tagged with that parent. The loss history it lacks is logged."""
+    from flux2.tracking import Run, exp_name, tracking_uri
+
+    p = tr.p
+    uri = tracking_uri(p.tracking.tracking_uri)
+    params = {**to_flat_dict(p), "network.type": tr.network.network_type,
+              "network.modules": len(tr.network.lora_modules), "network.parameters": sum(q.numel() for q in tr.params)}
+    parent = state.extra.get("mlflow_run_id") if resumed else None
+    run = Run.reopen(uri, p.tracking.experiment, parent, params) if parent else None
+    record = tr.ckpt_dir / RUN_RECORD  # the run of this folder's latest training, killed before a checkpoint?
+    if run is None and not resumed and record.is_file():
+        run = Run.reopen(uri, p.tracking.experiment, record.read_text().strip(), params, unfinished_only=True)
+    tags = {"dvc.exp_name": exp_name()} if exp_name() else {}
+    if run is not None:
+        run.client.update_run(run.run_id, status="RUNNING")  # it failed, was killed, or is rerun
+    else:
+        run = Run(uri, p.tracking.experiment, run_name=exp_name() or p.train.output_name)
+        run.log_params(params)
+        tags.update({"flux2.variant": tr.variant.name, "flux2.commit": git_commit(tr.base),
+                     "flux2.manifest_sha256": sha256_file(tr.manifest), "flux2.fingerprint": tr.fingerprint})
+        if parent:
+            tags.update({"flux2.parent_run_id": parent, "flux2.parent_step": state.step})
+            print(f"continuing from step {state.step} of MLflow run {parent} (other settings): new run {run.run_id}")
+        if tr.warning:
+            tags["flux2.warning"] = tr.warning
+        if tr.warm_start is not None:
+            tags.update(tr.warm_start.tags())
+    if tags:
+        run.set_tags(tags)
+    state.extra["mlflow_run_id"] = run.run_id
+    atomic_write_text(record, run.run_id + "\n")
+    for step, loss, lr in history:  # steps the run lacks: a warm start's, or a kill before their flush
+        if step % p.train.log_every_n_steps == 0:
+            run.log_metrics({"loss": loss, "lr": lr}, step)
+    run.flush()
+    return run
 
 
 def train_step(tr: Training, prog: Progress) -> None:
@@ -522,8 +554,8 @@ def finish(tr: Training, prog: Progress) -> TrainResult:
     if tr.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_temporaries(out_dir)  # of a LoRA write that a killed run left
-        written = _save_loras(tr, lora_path, state)
-        _checkpoint(tr, prog, None)
+        written = _save_loras(tr, lora_path, state)  # nothing time-, path- or commit-dependent in them
+        _checkpoint(tr, prog, run)  # MLflow flushed first: a kill in the samples below loses no step
         if t_cfg.sample_prompts:
             _samples(p, tr.base, tr.variant, tr.dit, tr.device, tr.dtype, state.step, run)
         summary = {"steps": state.step, "final_loss": prog.loss_value, "bad_steps": state.bad_steps,
@@ -533,9 +565,8 @@ def finish(tr: Training, prog: Progress) -> TrainResult:
         atomic_write_json(tr.base / "metrics" / "train.json", summary)
         for path in written:
             run.log_artifact(path, "lora")
-        for extra in (tr.base / "params.yaml", tr.base / "dvc.lock"):
-            if extra.is_file():
-                run.log_artifact(extra)
+        if (tr.base / "params.yaml").is_file():  # dvc.lock is logged by the evaluate stage: DVC writes train's
+            run.log_artifact(tr.base / "params.yaml")  # entry of this run only after this stage ends
         run.end()
         print(f"wrote {lora_path} after {state.step} steps (final loss {prog.loss_value:.4f}); "
               f"MLflow run {run.run_id}")
@@ -552,9 +583,9 @@ def _save_loras(tr: Training, path: Path, state: TrainState) -> list[Path]:
             "ss_timestep_sampling": t_cfg.timestep_sampling, "ss_weighting_scheme": t_cfg.weighting_scheme,
             "ss_guidance_scale": str(t_cfg.guidance), "ss_mixed_precision": t_cfg.mixed_precision,
             "ss_num_train_items": str(len(tr.data.items)), "flux2.manifest_sha256": sha256_file(tr.manifest),
-            "flux2.commit": git_commit(tr.base), "flux2.params": json.dumps(asdict(t_cfg), default=str)}
-    if tr.warm_start is not None:
-        meta.update(tr.warm_start.tags())
+            "flux2.params": json.dumps(asdict(t_cfg), default=str, sort_keys=True)}
+    if tr.warm_start is not None:  # the path as params.yaml gives it: identical runs, identical bytes
+        meta.update({**tr.warm_start.tags(), "flux2.warm_start": str(t_cfg.network_weights)})
     path.parent.mkdir(parents=True, exist_ok=True)
     tr.network.save(path, meta)
     if tr.ema is None:
@@ -572,28 +603,18 @@ def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
-def _read_history(path: Path, upto: int) -> list[tuple[int, float, float]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines()[1:]:
-        step, loss, lr = line.split(",")
-        if int(step) <= upto:
-            rows.append((int(step), float(loss), float(lr)))
-    return rows
-
-
 def _checkpoint(tr: Training, prog: Progress, run) -> None:
     read_steps(tr, prog)  # every process: the bad-step count is part of the state
     if not tr.main:
         return
-    # The loss history and the MLflow metrics first: a checkpoint means "resume after this step", so a kill
-    # between the writes must never leave one whose steps the history lacks (a resume would not log them again).
+    # The checkpoint carries the loss history itself (DVC deletes plots/train_loss.csv before it reruns the
+    # stage); the CSV is its readable copy. MLflow is flushed first, so a resume logs only steps after this one.
     prog.history_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(prog.history_path,
                       "step,loss,lr\n" + "".join(f"{s},{l!r},{r!r}\n" for s, l, r in prog.history))
     if run is not None:
         run.flush()
+    prog.state.history = [list(row) for row in prog.history]
     save_checkpoint(tr.ckpt_dir, prog.state, tr.network.state_dict(), tr.optimizer,
                     ema=tr.ema.state_dict() if tr.ema is not None else None)
 

@@ -9,6 +9,9 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # On 2 shared cores, OpenMP threads that spin while waiting make tiny-model work several times slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The shared cache store (flux2/cache_store.py) is off unless a test turns it on with a folder of its own: tests
+# count what a cache stage encodes, and must never write into the user's ~/.cache.
+os.environ.setdefault("FLUX2_CACHE_STORE", "off")
 
 import torch  # noqa: E402
 

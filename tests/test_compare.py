@@ -52,4 +52,4 @@ def test_runs_by_name_and_unknown_runs(two_runs, tmp_path, capsys):
     (latest,) = load_runs(["lora"], uri, "flux2")  # both runs are named after train.output_name
     assert latest.run_id == ids[1]
     assert main(["compare", ids[0], "no-such-run", "--tracking_uri", uri, "--out", str(tmp_path / "c.png")]) == 2
-    assert "no MLflow run with id or name 'no-such-run' in experiment 'flux2'" in capsys.readouterr().err
+    assert "no MLflow run with id, DVC experiment name or run name 'no-such-run' in experiment 'flux2'" in capsys.readouterr().err

@@ -6,9 +6,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,19 +44,29 @@ def fresh_clone(dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.slow
-def test_demo_command_runs_the_pipeline_in_a_fresh_clone_and_the_lora_learns_the_concept(tmp_path):
-    """`make demo` exactly as a newcomer runs it, on the default params.yaml (about 2 minutes on 2 cores): every
-    stage's files, and the LoRA's samples show the concept (purple) that the base's never do."""
-    clone = fresh_clone(tmp_path / "clone")
-    demo, _ = readme_commands()
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, dict[str, str], subprocess.CompletedProcess]:
+    """`make demo` exactly as a newcomer runs it, on the default params.yaml, in a fresh clone (about 2 minutes on
+    2 cores), once for the tests of this module: (the clone, its environment, the finished `make`)."""
+    root = tmp_path_factory.mktemp("readme")
+    clone = fresh_clone(root / "clone")
+    demo_command, _ = readme_commands()
     venv = Path(sys.executable).parent.parent
+    (clone / ".venv").symlink_to(venv)  # where `make` builds it, for the README's `source .venv/bin/activate`
     # The venv of this test run is the one `make` would build; -o keeps make from re-installing it.
-    cmd = demo.split() + [f"VENV={venv}", "-o", f"{venv}/.base"]
+    cmd = demo_command.split() + [f"VENV={venv}", "-o", f"{venv}/.base"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "MLFLOW_TRACKING"))}
-    env["PYTHONPATH"] = str(clone)
+    env.update(PYTHONPATH=str(clone), FLUX2_CACHE_STORE=str(root / "store"),  # the store of this test alone
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
     out = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return clone, env, out
+
+
+@pytest.mark.slow
+def test_demo_command_runs_the_pipeline_in_a_fresh_clone_and_the_lora_learns_the_concept(demo):
+    """Every stage's files, and the LoRA's samples show the concept (purple) that the base's never do."""
+    clone, _, out = demo
     for path in ("data/manifest.parquet", "reports/ingest.json", "cache/latents/index.parquet",
                  "cache/text/index.parquet", "outputs/lora/lora.safetensors", "metrics/train.json",
                  "metrics/eval.json", "outputs/eval/grid.png", "plots/loss.png", "plots/val_loss.png", "dvc.lock",
@@ -68,3 +80,77 @@ def test_demo_command_runs_the_pipeline_in_a_fresh_clone_and_the_lora_learns_the
     assert m["concept_score"]["base"] < 0.01 and m["concept_presence"]["base"] == 0.0, m["concept_score"]
     assert m["concept_score"]["lora"] > 0.05 and m["concept_presence"]["lora"] >= 0.5, m["concept_score"]
     assert m["val_loss"]["lora"] < m["val_loss"]["base"]
+
+
+def readme_block(heading: str) -> str:
+    """The first fenced block under the README's `## heading`."""
+    section = (ROOT / "README.md").read_text().split(f"## {heading}\n", 1)[1]
+    return re.search(r"```(?:bash|sh)?\n(.*?)```", section, re.S).group(1)
+
+
+# The experiments of the README's block and the parameters each one changes (as MLflow stores them).
+EXPERIMENTS = {"lr-3e-4": {"train.learning_rate": "0.0003"}, "dim-32": {"train.network_dim": "32"},
+               "seed-1": {"train.seed": "1"}, "seed-2": {"train.seed": "2"}}
+
+
+def experiment_file(clone: Path, name: str, path: str) -> str:
+    """A file as the DVC experiment `name` committed it (its ref is refs/exps/.../<name>)."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=clone,
+                          capture_output=True, text=True, check=True).stdout.split()
+    (ref,) = [r for r in refs if r.endswith(f"/{name}")]
+    return subprocess.run(["git", "show", f"{ref}:{path}"], cwd=clone, capture_output=True, text=True,
+                          check=True).stdout
+
+
+@pytest.mark.slow
+def test_experiment_block_gives_each_experiment_its_own_run_without_encoding_again(demo):
+    """The README's "Try a change, compare runs" block, verbatim, after the demo: two --temp experiments and a
+    queued pair run two at a time, then `dvc exp show`, `dvc metrics diff` and `flux2 compare` by experiment
+    name. Each experiment is its own MLflow run with its own params (the demo's run is left as it was), no cache
+    entry was encoded again (the experiments' own reports), params.yaml is unchanged, and the comparison names
+    the parameters that differ."""
+    from mlflow.tracking import MlflowClient
+
+    clone, env, _ = demo
+    params_before = (clone / "params.yaml").read_text()
+    demo_run = json.loads((clone / "metrics" / "train.json").read_text())["mlflow_run_id"]
+    out = subprocess.run(["bash", "-e", "-c", readme_block("Try a change, compare runs")], cwd=clone, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert (clone / "params.yaml").read_text() == params_before
+    assert all(name in out.stdout for name in EXPERIMENTS)  # dvc exp show lists them
+    assert "metrics/eval.json" in out.stdout and "val_loss.lora" in out.stdout  # dvc metrics diff
+
+    client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("flux2").experiment_id
+    for name, changed in EXPERIMENTS.items():
+        (run,) = client.search_runs([experiment], filter_string=f"tags.`dvc.exp_name` = '{name}'")
+        params = run.data.params
+        assert {k: params[k] for k in changed} == changed and params["train.max_train_steps"] == "20", name
+        assert run.info.run_name == name and run.info.status == "FINISHED"
+        assert {"loss", "eval_val_loss_lora"} <= run.data.metrics.keys(), name
+        assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == 20
+        for kind in ("latents", "text"):
+            report = json.loads(experiment_file(clone, name, f"reports/cache_{kind}.json"))
+            assert report["encoded"] == 0 and report["from_store"] == report["entries"], (name, report)
+        assert json.loads(experiment_file(clone, name, "metrics/train.json"))["mlflow_run_id"] == run.info.run_id
+        with tempfile.TemporaryDirectory() as tmp:  # the dvc.lock logged is the one of this run
+            lock = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "dvc.lock", tmp)).read_text())
+        logged = lock["stages"]["train"]["params"]["params.yaml"]["train"]
+        assert logged["max_train_steps"] == 20, name
+        assert all(str(logged[k.removeprefix("train.")]) == v for k, v in changed.items()), name
+    baseline = client.get_run(demo_run)
+    assert baseline.data.params["train.max_train_steps"] == "1000" and "dvc.exp_name" not in baseline.data.tags
+    assert max(m.step for m in client.get_metric_history(demo_run, "loss")) == 1000
+
+    page = (clone / "reports" / "compare.html").read_text()
+    assert (clone / "reports" / "compare.png").is_file()
+    for name in ["train.learning_rate", "train.network_dim", "train.seed", *EXPERIMENTS]:
+        assert name in page, name
+    assert "train.max_train_steps" not in page  # the same in all four: not a difference
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    plots = subprocess.run([dvc, "plots", "diff", "HEAD", "lr-3e-4", "--json"], cwd=clone, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert plots.returncode == 0, plots.stderr[-2000:]
+    assert "plots/train_loss.csv" in plots.stdout and "lr-3e-4" in plots.stdout

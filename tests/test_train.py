@@ -67,11 +67,11 @@ def test_killed_run_resumes_to_the_same_lora(pipeline, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "flux2.cli", "train", "--params", str(pipeline / "params.yaml"),
                              *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not list((pipeline / "checkpoints").glob("step-*")) and time.time() < deadline and proc.poll() is None:
+    while not list((pipeline / "checkpoints").glob("*/step-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = sorted(p.name for p in (pipeline / "checkpoints").glob("step-*"))
+    killed_at = sorted(p.name for p in (pipeline / "checkpoints").glob("*/step-*"))
     assert killed_at, "no checkpoint was written before the kill"
     summary = train(pipeline, *args)
     assert summary["steps"] == 120
@@ -79,10 +79,14 @@ def test_killed_run_resumes_to_the_same_lora(pipeline, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), f"differs after resuming from {killed_at[-1]}"
 
 
-def test_changed_configuration_is_not_resumed(pipeline, capsys):
+def test_changed_configuration_is_not_resumed_and_its_checkpoints_are_kept(pipeline, capsys):
     train(pipeline, "--max_train_steps", "10", "--save_every_n_steps", "5")
+    (first,) = (pipeline / "checkpoints").glob("*/")
+    kept = sorted(p.name for p in first.glob("step-*"))
     train(pipeline, "--max_train_steps", "10", "--save_every_n_steps", "5", "--learning_rate", "0.01")
-    assert "belong to another configuration; starting from step 0" in capsys.readouterr().out
+    assert "starting from step 0 (the checkpoints of other configurations" in capsys.readouterr().out
+    assert sorted(p.name for p in first.glob("step-*")) == kept == ["step-00000005", "step-00000010"]
+    assert len(list((pipeline / "checkpoints").glob("*/"))) == 2  # one folder per configuration
 
 
 def test_mlflow_run_has_params_metrics_tags_and_artifacts(pipeline):

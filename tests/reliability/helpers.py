@@ -195,3 +195,13 @@ def within(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def metric_steps(folder: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every logged (step, value) of an MLflow run's deterministic training metrics (the store in `folder`), in
+    step order: a step logged twice shows up twice."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+            for key in ("loss", "lr", "grad_norm")}

@@ -61,8 +61,8 @@ def test_training_on_a_full_disk_names_the_checkpoint_leaves_nothing_and_reruns(
     folder = copy_project(cached_pipeline, tmp_path / "p")
     args = ["--max_train_steps", "4", "--save_every_n_steps", "2", "--network_dim", "64", "--network_alpha", "64"]
     done = run_cli(folder, "train", "--params", "params.yaml", *args, preexec_fn=file_size_limit(2_000_000))
-    assert_clear_write_error(done, "checkpoints/.tmp-step-00000002")
-    assert not list((folder / "checkpoints").iterdir())  # neither a step-* folder nor a temporary one
+    assert_clear_write_error(done, "/.tmp-step-00000002")  # checkpoints/<fingerprint>/...
+    assert not list((folder / "checkpoints").rglob("*step-*"))  # neither a step-* folder nor a temporary one
     assert not (folder / "outputs/lora/lora.safetensors").exists() and not leftovers(folder / "outputs")
 
     assert main(["train", "--params", str(folder / "params.yaml"), *args]) == 0

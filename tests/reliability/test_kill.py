@@ -22,7 +22,7 @@ from flux2.cache_store import INDEX_FILE, SHARD_DIR, read_index, verify_entries
 from flux2.cli import main
 from flux2.safetensors_io import read_header
 from tests.reliability.helpers import (MAPPINGS, assert_same_tensors, begun, cache_contents, copy_project, kill_after,
-                                      leftovers, shards_written, timed_run)
+                                      leftovers, metric_steps, shards_written, timed_run)
 
 pytestmark = pytest.mark.slow
 
@@ -92,11 +92,13 @@ TRAIN = ["--max_train_steps", "12", "--save_every_n_steps", "2"]
 
 
 @pytest.fixture(scope="module")
-def trained(cached_pipeline, tmp_path_factory) -> tuple[float, dict, str]:
-    """An uninterrupted training run as a subprocess: (seconds, LoRA tensors, loss history)."""
+def trained(cached_pipeline, tmp_path_factory) -> tuple[float, dict, str, dict]:
+    """An uninterrupted training run as a subprocess: (seconds, LoRA tensors, loss history, MLflow metrics)."""
     folder = copy_project(cached_pipeline, tmp_path_factory.mktemp("trained") / "p")
     seconds = timed_run(folder, "-m", "flux2.cli", "train", "--params", "params.yaml", *TRAIN)
-    return seconds, load_file(folder / "outputs/lora/lora.safetensors"), (folder / "plots/train_loss.csv").read_text()
+    run_id = json.loads((folder / "metrics/train.json").read_text())["mlflow_run_id"]
+    return (seconds, load_file(folder / "outputs/lora/lora.safetensors"),
+            (folder / "plots/train_loss.csv").read_text(), metric_steps(folder, run_id))
 
 
 def assert_training_outputs_readable(folder: Path) -> None:
@@ -104,7 +106,7 @@ def assert_training_outputs_readable(folder: Path) -> None:
     from flux2.checkpoint import list_checkpoints, verify_checkpoint
     from flux2.lora_formats import read_lora
 
-    for path in list_checkpoints(folder / "checkpoints"):
+    for path in [c for d in (folder / "checkpoints").glob("*/") for c in list_checkpoints(d)]:
         verify_checkpoint(path)
     lora = folder / "outputs/lora/lora.safetensors"
     if lora.exists():
@@ -115,18 +117,22 @@ def assert_training_outputs_readable(folder: Path) -> None:
 
 @pytest.mark.parametrize("seed", [1, 5])  # kills at 58% and 88% of the measured duration
 def test_killed_training_resumes_to_the_same_lora_bit_for_bit(pipeline, trained, seed):
-    seconds, expected, history = trained
+    seconds, expected, history, metrics = trained
     delay = random.Random(100 + seed).uniform(0, seconds)
     killed = kill_after(pipeline, delay, "-m", "flux2.cli", "train", "--params", "params.yaml", *TRAIN)
     assert_training_outputs_readable(pipeline)
     print(f"killed at {delay:.2f} of {seconds:.2f}s ({killed=}): checkpoints "
-          f"{sorted(p.name for p in (pipeline / 'checkpoints').glob('*'))}")
+          f"{sorted(p.name for p in (pipeline / 'checkpoints').glob('*/*'))}")
 
+    for declared in ("plots/train_loss.csv", "metrics/train.json"):  # what `dvc repro` deletes before the rerun
+        (pipeline / declared).unlink(missing_ok=True)
     assert main(["train", "--params", str(pipeline / "params.yaml"), *TRAIN]) == 0
     got = load_file(pipeline / "outputs/lora/lora.safetensors")
     assert_same_tensors(got, expected, f"LoRA after a kill at {delay:.2f}s ({killed=})")
     assert (pipeline / "plots/train_loss.csv").read_text() == history
-    assert json.loads((pipeline / "metrics/train.json").read_text())["steps"] == 12
+    summary = json.loads((pipeline / "metrics/train.json").read_text())
+    assert summary["steps"] == 12 and summary["final_loss"] == float(history.splitlines()[-1].split(",")[1])
+    assert metric_steps(pipeline, summary["mlflow_run_id"]) == metrics  # every step once, the same values
     assert not leftovers(pipeline / "checkpoints") and not leftovers(pipeline / "outputs")
 
 
@@ -135,12 +141,12 @@ def test_no_checkpoint_is_ever_ahead_of_the_loss_history(pipeline, trained, caps
     steps, a kill (or a write error) between the two writes would lose those rows for good. Here the history
     write fails for real (its path is a folder): no checkpoint may be left that the history does not cover, and
     once the path is fixed the rerun gives the uninterrupted history and LoRA."""
-    _, expected, history = trained
+    _, expected, history, _ = trained
     blocker = pipeline / "plots" / "train_loss.csv"
     (blocker / "x").mkdir(parents=True)
     assert main(["train", "--params", str(pipeline / "params.yaml"), *TRAIN]) == 2
     assert "train_loss.csv" in capsys.readouterr().err  # one line naming the file
-    assert not list((pipeline / "checkpoints").glob("step-*"))
+    assert not list((pipeline / "checkpoints").glob("*/step-*"))
     shutil.rmtree(blocker)
     assert main(["train", "--params", str(pipeline / "params.yaml"), *TRAIN]) == 0
     assert (pipeline / "plots/train_loss.csv").read_text() == history
