@@ -258,10 +258,10 @@ def run_models(p: Params, base: Path, variant: Variant, lora_path: Path, loss_it
 
     e = p.eval
     device = resolve_device(p.model.device)
-    dtype = resolve_dtype(p.model.dtype, device)
+    dtype = resolve_dtype(p.model.dtype, device, variant)
     guidance = variant.default_guidance if e.guidance_scale is None else e.guidance_scale
     dit = load_dit(base / p.model.dit, variant, device="cpu" if p.model.blocks_to_swap else device, dtype=dtype,
-                   fp8_scaled=p.model.fp8_base or p.model.fp8_scaled)
+                   fp8_scaled=p.model.fp8_base or p.model.fp8_scaled, quantize=p.model.quantize)
     if p.model.blocks_to_swap:
         from flux2.block_swap import enable_block_swap
 
