@@ -80,7 +80,8 @@ def text_meta(variant: Variant, identity: dict[str, str], stored_dtype: str) -> 
             "text_fingerprint": identity["fingerprint"], "text_layers": identity["text_layers"],
             "context_dim": str(variant.context_in_dim), "max_text_tokens": identity["max_text_tokens"],
             "template_version": identity["template_version"], "encoder_dtype": identity["dtype"],
-            "fp8": identity["fp8"], "dtype": stored_dtype}
+            "fp8": identity["fp8"], "dtype": stored_dtype,
+            **({"quantize": identity["quantize"]} if "quantize" in identity else {})}
 
 
 def collect_prompts(captions: list[str], eval_prompts: list[str] = (), sample_prompts: str | Path | None = None

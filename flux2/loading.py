@@ -310,7 +310,7 @@ def load_dit(path: str | os.PathLike, variant: Variant | str, device: str | torc
     with TensorFile(path) as f:
         check_layer_formats(f, layout, key_map)
         names = sorted(model.state_dict(), key=lambda n: f.header[key_map[n]]["data_offsets"][0])  # file order
-        load_streaming(model, lambda name: (f, key_map[name]), quantized, mode, dtype, device, layout.layers, names,
+        load_streaming(model, lambda name: (f, key_map[name]), quantized, mode, dtype, device, layout.file_layers(key_map), names,
                        desc=f"loading the DiT ({mode})")
     return model.requires_grad_(False).eval()
 

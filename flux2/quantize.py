@@ -111,6 +111,11 @@ class PrequantizedLayout:
     def describe(self) -> str:
         return f"{self.kind} ({len(self.layers)} fp8 layers)"
 
+    def file_layers(self, key_map: dict[str, str]) -> dict[str, Fp8Layer]:
+        """The layers with the file's own keys (model key -> file key, e.g. with ComfyUI's prefix)."""
+        return {module: Fp8Layer(key_map[layer.weight_key], layer.scale_key and key_map[layer.scale_key],
+                                 layer.dtype) for module, layer in self.layers.items()}
+
 
 def prequantized_layout(shapes: dict[str, tuple[Shape, torch.dtype]], metadata: dict[str, str],
                         path: object = "checkpoint") -> PrequantizedLayout:
