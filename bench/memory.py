@@ -108,12 +108,13 @@ def lora_bytes(variant, rank: int) -> int:
 def optimizer_bytes(numels: list[int], kind: str = "adamw") -> int:
     """State of the optimizer over tensors of these sizes: torch AdamW keeps two float32 moments and a float32
     step per tensor; bitsandbytes AdamW8bit keeps two uint8 moments plus a float32 absmax per 256 values for
-    tensors of at least 4096 values (smaller ones in float32), and a float32 step (its `state1`/`state2`/
-    `absmax1`/`absmax2`)."""
+    tensors of at least 4096 values (smaller ones in float32) and its two 256-entry float32 quantisation maps,
+    shared by all tensors (`state1`/`state2`/`absmax1`/`absmax2`/`qmap1`/`qmap2`)."""
     if kind == "adamw":
         return sum(2 * 4 * n + 4 for n in numels)
     if kind == "adamw8bit":
-        return sum(2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 2 * 4 * n for n in numels)
+        maps = 2 * 256 * 4 if any(n >= 4096 for n in numels) else 0
+        return maps + sum(2 * (n + 4 * math.ceil(n / 256)) if n >= 4096 else 2 * 4 * n for n in numels)
     raise ValueError(kind)
 
 
@@ -234,7 +235,7 @@ def write_random_dit(path: Path, variant) -> int:
 
 def write_random_text_encoder(folder: Path, variant, shard_bytes: int = 4_000_000_000) -> int:
     """A random text encoder of the variant's real config in Hugging Face layout: every layer (not only those
-    FLUX.2 reads), split into shards `model-0000k-of-0000N.safetensors` with model.safetensors.index.json,
+    FLUX.2 reads), split into shards of at most `shard_bytes` (at least two) `model-0000k-of-0000N.safetensors` with model.safetensors.index.json,
     config.json and a (small, trained) tokenizer with the chat template. Returns the bytes written."""
     import torch
     from transformers import Qwen3ForCausalLM
@@ -251,6 +252,7 @@ def write_random_text_encoder(folder: Path, variant, shard_bytes: int = 4_000_00
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     shards, current, size = [], {}, 0
+    shard_bytes = min(shard_bytes, sum(math.prod(s) * 2 for s in shapes.values()) // 2 + 1)  # always split
     for name, shape in shapes.items():
         nbytes = math.prod(shape) * 2
         if current and size + nbytes > shard_bytes:
@@ -429,9 +431,10 @@ def run_worker(kind: str, path: Path, variant: str, switch: str, rank: int, step
 
 
 def rehearse(names: list[str], switches: list[str], workdir: Path, rank: int, keep: bool, step: bool = True,
-             timeout: int = 3600) -> list[dict]:
+             timeout: int = 3600, isolate: bool = True) -> list[dict]:
     """Full-size rehearsals (see the module docstring); names are variants ('klein-base-4b') or encoders
-    ('qwen3-4b' = the text encoder of klein-base-4b, 'qwen3-8b' of klein-base-9b)."""
+    ('qwen3-4b' = the text encoder of klein-base-4b, 'qwen3-8b' of klein-base-9b). isolate=False runs the
+    workers in this process (the tests' tiny rehearsal: its peak RSS is then this process's)."""
     from flux2.variants import VARIANTS
 
     encoders = {"qwen3-4b": "klein-base-4b", "qwen3-8b": "klein-base-9b", "qwen3-tiny": "tiny"}
@@ -463,7 +466,12 @@ def rehearse(names: list[str], switches: list[str], workdir: Path, rank: int, ke
                                       f"MemAvailable is {free / GIB:.1f} GiB")
                 else:
                     kind = "te" if part == "text_encoder" else "dit"
-                    row.update(run_worker(kind, target, variant.name, switch, rank, step, timeout))
+                    if isolate:
+                        row.update(run_worker(kind, target, variant.name, switch, rank, step, timeout))
+                    elif kind == "dit":
+                        row.update(worker_dit(target, variant.name, switch, rank, step))
+                    else:
+                        row.update(worker_text_encoder(target, variant.name, switch))
                     if "peak" in row:
                         row["peak_over_floor"] = row["peak"]["hwm"] / floor
                         row["peak_above_baseline_over_floor"] = (row["peak"]["hwm"] - row["baseline"]["VmRSS"]) / floor
