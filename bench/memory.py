@@ -351,11 +351,15 @@ def worker_dit(path: Path, variant_name: str, switch: str, rank: int, step: bool
     out = {"baseline": PeakRSS.status()}
     out["read_1_s"] = read_through(path) if variant_name != "tiny" else None
     drop_page_cache(path)
-    with PeakRSS() as peak:
+    cpu = time.process_time()
+    with PeakRSS() as load_peak:
         start = time.perf_counter()
         dit = load_dit(path, variant, dtype=torch.bfloat16, quantize=mode_of(switch))
         out["load_s"] = time.perf_counter() - start
-        out["after_load"] = PeakRSS.status()
+    out["load_cpu_s"] = time.process_time() - cpu
+    out["load_peak"] = load_peak.peak
+    out["after_load"] = PeakRSS.status()
+    with PeakRSS() as peak:
         dit.gradient_checkpointing = True
         network = create_network(dit, rank, rank)
         network.apply_to(dit)
@@ -394,11 +398,15 @@ def worker_text_encoder(folder: Path, variant_name: str, switch: str) -> dict:
     out = {"baseline": PeakRSS.status()}
     for f in folder.glob("*.safetensors"):
         drop_page_cache(f)
-    with PeakRSS() as peak:
+    cpu = time.process_time()
+    with PeakRSS() as load_peak:
         start = time.perf_counter()
         te = load_text_encoder(folder, VARIANTS[variant_name], dtype=torch.bfloat16, quantize=mode_of(switch))
         out["load_s"] = time.perf_counter() - start
-        out["after_load"] = PeakRSS.status()
+    out["load_cpu_s"] = time.process_time() - cpu
+    out["load_peak"] = load_peak.peak
+    out["after_load"] = PeakRSS.status()
+    with PeakRSS() as peak:
         start = time.perf_counter()
         ctx = te.encode(["a purple star on a yellow background", "a cat holding a sign", "",
                          "two red circles and a blue square"], batch_size=1)
@@ -473,8 +481,10 @@ def rehearse(names: list[str], switches: list[str], workdir: Path, rank: int, ke
                     else:
                         row.update(worker_text_encoder(target, variant.name, switch))
                     if "peak" in row:
+                        row["load_peak_over_floor"] = row["load_peak"]["hwm"] / floor
+                        row["load_peak_above_baseline_over_floor"] = (
+                            (row["load_peak"]["hwm"] - row["baseline"]["VmRSS"]) / floor)
                         row["peak_over_floor"] = row["peak"]["hwm"] / floor
-                        row["peak_above_baseline_over_floor"] = (row["peak"]["hwm"] - row["baseline"]["VmRSS"]) / floor
                 results.append(row)
                 print(rehearsal_line(row), flush=True)
         finally:
@@ -502,17 +512,18 @@ def rehearsal_line(row: dict) -> str:
         return head + "skipped: " + row["skipped"]
     if "error" in row:
         return head + "FAILED: " + row["error"][-500:]
-    p = row["peak"]
-    text = (f"floor {row['floor'] / GIB:.2f} GiB, peak {p['hwm'] / GIB:.2f} GiB ({row['peak_over_floor']:.2f}x; "
-            f"anon {p['anon'] / GIB:.2f} + file {p['file'] / GIB:.2f} GiB at the sampled peak; "
-            f"{row['peak_above_baseline_over_floor']:.2f}x above the {row['baseline']['VmRSS'] / GIB:.2f} GiB process "
-            f"before loading), load {row['load_s']:.1f} s")
+    lp, p, base = row["load_peak"], row["peak"], row["baseline"]["VmRSS"]
+    text = (f"floor {row['floor'] / GIB:.2f} GiB; load: peak {lp['hwm'] / GIB:.2f} GiB "
+            f"({row['load_peak_over_floor']:.2f}x the floor, {row['load_peak_above_baseline_over_floor']:.2f}x above "
+            f"the {base / GIB:.2f} GiB process before it; anon {lp['anon'] / GIB:.2f} + file {lp['file'] / GIB:.2f} GiB "
+            f"at the sampled peak), {row['load_s']:.1f} s ({row['load_cpu_s']:.0f} s CPU)")
     if row.get("read_1_s"):
         text += f" (reading the file: {row['read_1_s']:.1f} s + {row['read_2_s']:.1f} s)"
     if "step_s" in row:
-        text += f", LoRA + training step at 128^2 {row['step_s']:.1f} s"
+        text += f"; LoRA + training step at 128^2: {row['step_s']:.1f} s"
     if "encode_s" in row:
-        text += f", four prompts {row['encode_s']:.1f} s"
+        text += f"; four prompts: {row['encode_s']:.1f} s"
+    text += f"; whole run peak {p['hwm'] / GIB:.2f} GiB ({row['peak_over_floor']:.2f}x)"
     return head + text
 
 
