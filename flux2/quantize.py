@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -262,6 +263,40 @@ def read_weight(file: TensorFile, key: str, dtype: torch.dtype, device: torch.de
     return weight
 
 
+def _libc():
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return None
+
+
+_LIBC = _libc()
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+@contextmanager
+def loading_heap():
+    """While quantising a file: every allocation of 1 MB or more gets its own mapping, given back when freed.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MB), so the chunk temporaries of
+    a streaming load (8-32 MB) would land on the heap between long-lived weights and their freed pages would
+    stay with the process: measured +10-20% of the model's size after a quantised load, +1.5% with this.
+    Afterwards the threshold is left at 32 MB, where glibc's own adjustment ends up anyway."""
+    if _LIBC is None:
+        yield
+        return
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        _LIBC.malloc_trim(0)
+
+
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     """Put `module` at the dotted `path` of `model` (replacing what is there)."""
     parent_name, _, child = path.rpartition(".")
@@ -288,9 +323,13 @@ def load_streaming(model: nn.Module, locate, quantized: set[str], mode: str, dty
 
     `locate(name)` gives the (TensorFile, key) holding the model tensor `name`; `names` orders the reads (default:
     the state_dict order); `fp8_layers` are the pre-quantised layers of the files (module path -> Fp8Layer)."""
+    with loading_heap():
+        _load_streaming(model, locate, quantized, mode, dtype, device, fp8_layers or {}, names, desc)
+
+
+def _load_streaming(model, locate, quantized, mode, dtype, device, fp8_layers, names, desc) -> None:
     from tqdm import tqdm
 
-    fp8_layers = fp8_layers or {}
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     state = list(shapes)
     for name in tqdm(names or state, desc=desc, unit="tensor", leave=False, disable=None if desc else True):
