@@ -554,8 +554,9 @@ class RandomSource:
             yield start, self.read(key, (start, min(start + rows_per_chunk, total)))
 
 
-def gpu_rows(variants: list[str], res: int, rank: int) -> list[dict]:
-    """The GPU targets: NF4 base, LoRA rank `rank`, gradient checkpointing, one warm-up and three timed steps."""
+def gpu_rows(variants: list[str], res: int, rank: int, device: str = "cuda") -> list[dict]:
+    """The GPU targets: NF4 base, LoRA rank `rank`, gradient checkpointing, one warm-up and three timed steps.
+    (device="cpu" runs the same code with the process's peak RSS instead: how it is checked without a GPU.)"""
     import torch
 
     from flux2 import sampling
@@ -566,16 +567,26 @@ def gpu_rows(variants: list[str], res: int, rank: int) -> list[dict]:
 
     rows = []
     for name in variants:
-        variant, device = VARIANTS[name], torch.device("cuda")
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        variant, device = VARIANTS[name], torch.device(device)
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+        def peak_bytes() -> int:
+            return torch.cuda.max_memory_allocated() if cuda else PeakRSS.status()["VmHWM"]
+
+        def sync() -> None:
+            if cuda:
+                torch.cuda.synchronize()
+
         model = meta_dit(variant)
         shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
         source = RandomSource(shapes, device)
         quantized = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and dit_block_linear(n, m)}
         load_streaming(model, lambda k: (source, k), quantized, "nf4", torch.bfloat16, device)
         model.requires_grad_(False).gradient_checkpointing = True
-        load_peak = torch.cuda.max_memory_allocated()
+        load_peak = peak_bytes()
         network = create_network(model, rank, rank)
         network.apply_to(model)
         params = [p for p in network.parameters() if p.requires_grad]
@@ -588,17 +599,17 @@ def gpu_rows(variants: list[str], res: int, rank: int) -> list[dict]:
             noise, t = torch.randn_like(x0), torch.rand(1, device=device)
             ctx = torch.randn(1, n_txt, variant.context_in_dim, device=device, dtype=torch.bfloat16)
             g = torch.ones(1, device=device) if variant.use_guidance_embed else None
-            torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 pred = model((1 - t) * x0 + t * noise, x_ids, t, ctx, ctx_ids, g)
             (pred.float() - (noise - x0)).square().mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            sync()
             if i:
                 times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated()
+        peak = peak_bytes()
         rows.append({"variant": name, "quantize": "nf4", "res": res, "rank": rank, "grad_ckpt": True,
                      "load_peak_gib": load_peak / GIB, "peak_gib": peak / GIB, "step_s": sorted(times)[1],
                      "target_gib": GPU_TARGETS.get(name, 0) / GIB,
