@@ -26,8 +26,10 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-# The temporary names used here and by safetensors_io.save_file_atomic: `.name.<12 hex>.tmp[.suffix]`.
-TEMPORARY_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp(\.[^.]*)?")
+# The temporary names used here and by safetensors_io.save_file_atomic (`.name.<12 hex>.tmp[.suffix]`), and the one
+# safetensors' own save_file writes through before renaming it to our name (`.tmpXXXXXX`, Rust's tempfile crate):
+# a kill inside save_file leaves the latter.
+TEMPORARY_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp(\.[^.]*)?|\.tmp[A-Za-z0-9]{6}")
 
 
 @contextmanager

@@ -707,13 +707,14 @@ def _delete_unreferenced(cache_dir: Path, referenced: set[str], kind: str) -> in
     folder = cache_dir / SHARD_DIR
     if not folder.is_dir():
         return 0
+    remove_temporaries(folder)  # of a shard write that was killed
     deleted = 0
     for p in folder.iterdir():
         name = f"{SHARD_DIR}/{p.name}"
         if p.name.startswith(f"{kind}-") and p.suffix == ".safetensors" and name not in referenced:
             p.unlink()
             deleted += 1
-        elif p.name.startswith(".") and p.name.endswith(".tmp"):
+        elif p.name.startswith(".") and p.name.endswith(".tmp"):  # any writer's temporary name ending .tmp
             p.unlink()
     return deleted
 

@@ -1,10 +1,11 @@
 """Training checkpoints: everything a resumed run needs, in safetensors and JSON (nothing pickled).
 
 A checkpoint is a folder `step-00000100/` holding `lora.safetensors` (network weights), `optimizer.safetensors`
-(optimizer state tensors; param groups and scalars as JSON metadata) and `state.json` (step, data position, RNG,
-sha256 of the two tensor files, and of the record itself). It is written under a temporary name and renamed into
-place, so a folder named `step-*` is always complete; the checksums catch later truncation or bit flips (in any of
-the three files), and loading then falls back to the previous good checkpoint.
+(optimizer state tensors; param groups and scalars as JSON metadata), in runs with an EMA `ema.safetensors` (its
+averages and update count) and `state.json` (step, data position, RNG, sha256 of the tensor files, and of the
+record itself). It is written under a temporary name and renamed into place, so a folder named `step-*` is always
+complete; the checksums catch later truncation or bit flips (in any of the files), and loading then falls back to
+the previous good checkpoint.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from flux2.safetensors_io import CheckpointError, load_file, read_metadata, save
 
 FORMAT_VERSION = "1"
 FILES = ("lora.safetensors", "optimizer.safetensors")
+OPTIONAL_FILES = ("ema.safetensors",)  # the EMA of the weights (flux2.ema), in runs that keep one
 
 
 @dataclass
@@ -89,16 +91,25 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
 
 
+def checkpoint_folder(folder: str | Path, step: int) -> Path:
+    """Where the checkpoint after optimizer step `step` lives."""
+    return Path(folder) / f"step-{step:08d}"
+
+
 def save_checkpoint(folder: str | Path, state: TrainState, lora: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, keep_last: int = 2) -> Path:
-    """Write `folder/step-XXXXXXXX/` atomically and delete all but the newest `keep_last` checkpoints.
-    LoRA weights holding NaN or inf are refused (ValueError): such a checkpoint could only ruin a resumed run."""
+                    optimizer: torch.optim.Optimizer, keep_last: int = 2,
+                    ema: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `folder/step-XXXXXXXX/` atomically and delete all but the newest `keep_last` checkpoints; `ema` (the
+    EMA's state, if the run keeps one) goes into `ema.safetensors`. LoRA weights holding NaN or inf are refused
+    (ValueError): such a checkpoint could only ruin a resumed run."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    check_finite(lora, folder / f"step-{state.step:08d}" / "lora.safetensors")
+    final = checkpoint_folder(folder, state.step)
+    check_finite(lora, final / "lora.safetensors")
+    if ema is not None:
+        check_finite(ema, final / "ema.safetensors")
     for stale in folder.glob(".tmp-step-*"):  # left by a run that was killed while writing (one writer per folder)
         shutil.rmtree(stale, ignore_errors=True)
-    final = folder / f"step-{state.step:08d}"
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -106,8 +117,11 @@ def save_checkpoint(folder: str | Path, state: TrainState, lora: dict[str, torch
         save_file_atomic({k: v.detach().cpu().contiguous() for k, v in lora.items()}, tmp / "lora.safetensors")
         opt_tensors, opt_meta = optimizer_tensors(optimizer)
         save_file_atomic(opt_tensors, tmp / "optimizer.safetensors", metadata=opt_meta)
+        if ema is not None:
+            save_file_atomic({k: v.detach().cpu().contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
+        names = FILES + (("ema.safetensors",) if ema is not None else ())
         record = {"format_version": FORMAT_VERSION, **asdict(state),
-                  "sha256": {name: sha256_file(tmp / name) for name in FILES}}
+                  "sha256": {name: sha256_file(tmp / name) for name in names}}
         record["record_sha256"] = record_digest(record)
         (tmp / "state.json").write_text(json.dumps(record))
         if final.exists():
@@ -139,9 +153,9 @@ def verify_checkpoint(path: Path) -> dict:
     if not isinstance(record, dict) or record.get("record_sha256") != record_digest(record):
         raise CheckpointError(f"{state_file} is corrupted (checksum mismatch) or not a checkpoint record")
     digests = record.get("sha256")
-    if not isinstance(digests, dict) or sorted(digests) != sorted(FILES):
+    if not isinstance(digests, dict) or not set(FILES) <= set(digests) <= set(FILES + OPTIONAL_FILES):
         raise CheckpointError(f"{state_file} lacks the checksums of {' and '.join(FILES)}")
-    for name in FILES:
+    for name in digests:
         file = path / name
         if not file.is_file() or sha256_file(file) != digests[name]:
             raise CheckpointError(f"{file} is missing or corrupted (checksum mismatch)")
@@ -173,3 +187,10 @@ def load_latest_checkpoint(folder: str | Path, optimizer: torch.optim.Optimizer
         fields = {k: record[k] for k in TrainState.__dataclass_fields__ if k in record}
         return TrainState(**fields), lora
     return None
+
+
+def load_ema_state(folder: str | Path, state: TrainState) -> dict[str, torch.Tensor] | None:
+    """The EMA state saved with the checkpoint that `load_latest_checkpoint` returned `state` from (it verified
+    the file's checksum too), or None when that checkpoint holds none."""
+    path = checkpoint_folder(folder, state.step) / "ema.safetensors"
+    return load_file(path) if path.is_file() else None

@@ -43,8 +43,9 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                         help="prompt file: one prompt per line, each with optional --w --h --d --s --g --n --ci --fs "
                              "(width, height, seed, steps, guidance, negative prompt, control image, flow shift)")
     p.add_argument("--negative_prompt", default="", help="negative prompt for true CFG (base variants)")
-    p.add_argument("--image_size", type=int, nargs=2, default=[1024, 1024], metavar=("H", "W"),
-                   help="height and width, multiples of 16")
+    sizes = sorted({f"{v.sample_size[0]} {v.sample_size[1]}" for v in VARIANTS.values()}, reverse=True)
+    p.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help=f"height and width, multiples of 16 (default: the variant's, {' or '.join(sizes)})")
     p.add_argument("--infer_steps", type=int, default=None, help="steps (default: 4 distilled klein, else 50)")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="true CFG scale for base variants (default 4.0; ignored by distilled variants)")
@@ -65,7 +66,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output_type", choices=["images", "latent", "latent_images"], default="images")
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora_weight", nargs="*", default=[],
-                   help="LoRA file(s): kohya (musubi-tuner), ComfyUI/BFL or diffusers/PEFT layout, detected per file")
+                   help="LoRA file(s): kohya (musubi-tuner), ComfyUI/BFL or diffusers/PEFT layout, detected per file; "
+                        "LyCORIS LoKr / LoHa files too, mixed with LoRAs as you like")
     g.add_argument("--lora_multiplier", type=float, nargs="*", default=[1.0],
                    help="strength per LoRA file (one value for all)")
     g.add_argument("--include_patterns", nargs="*", default=None,
@@ -84,7 +86,7 @@ def run_generate(args: argparse.Namespace) -> None:
     from flux2.generate import GenerateOptions, generate
 
     opts = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
-    opts["image_size"] = tuple(opts["image_size"])
+    opts["image_size"] = tuple(opts["image_size"]) if opts["image_size"] else None
     generate(GenerateOptions(**opts))
 
 
@@ -142,13 +144,14 @@ def run_ingest(args: argparse.Namespace) -> None:
 def add_convert_lora(sub: argparse._SubParsersAction) -> None:
     from flux2.lora_formats import FORMATS
 
-    p = sub.add_parser("convert-lora", help="convert a FLUX.2 LoRA between the kohya, comfy and diffusers layouts",
-                       formatter_class=HelpFormatter)
+    p = sub.add_parser("convert-lora", help="convert a FLUX.2 LoRA between the kohya, comfy and diffusers layouts "
+                       "(LoKr / LoHa: kohya and comfy)", formatter_class=HelpFormatter)
     p.add_argument("--input", required=True, help="LoRA file in any supported layout (detected from its keys)")
     p.add_argument("--output", required=True, help="output .safetensors")
     p.add_argument("--target", required=True, choices=list(FORMATS),
-                   help="kohya: lora_unet_* with alpha (musubi-tuner, ComfyUI, diffusers); comfy: "
-                        "diffusion_model.*.lora_A/B; diffusers: transformer.*.lora_A/B (PEFT)")
+                   help="kohya: lora_unet_* with alpha (musubi-tuner, ComfyUI, diffusers; LyCORIS' lokr_* / hada_* "
+                        "names); comfy: diffusion_model.*.lora_A/B (LoKr: the layout diffusers reads); diffusers: "
+                        "transformer.*.lora_A/B (PEFT, LoRA only)")
     p.set_defaults(func=run_convert_lora)
 
 
@@ -234,6 +237,38 @@ def optional(kind: type):
     return convert
 
 
+class KeyValues(argparse.Action):
+    """`key=value ...` into a dict (musubi-tuner's --network_args / --optimizer_args); each value is read as JSON
+    (8, 5e-5, true, [4, 0]) or a Python literal (True), else kept as text. One JSON object also works."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import ast
+
+        out = {}
+        for item in values:
+            if item.lstrip().startswith("{"):
+                try:
+                    value = json.loads(item)
+                except json.JSONDecodeError as e:
+                    parser.error(f"{option_string}: {item!r} is not a JSON object ({e})")
+                if not isinstance(value, dict):
+                    parser.error(f"{option_string}: {item!r} is not a JSON object")
+                out.update(value)
+                continue
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                parser.error(f"{option_string}: {item!r} is not key=value (e.g. factor=8)")
+            for read in (json.loads, ast.literal_eval):
+                try:
+                    out[key.strip()] = read(raw)
+                    break
+                except (ValueError, SyntaxError):
+                    continue
+            else:
+                out[key.strip()] = raw
+        setattr(namespace, self.dest, out)
+
+
 def add_group_options(p: argparse.ArgumentParser, cls: type, group: str) -> None:
     """One `--field` option per field of a params dataclass (seed names), default: the params.yaml value."""
     import dataclasses
@@ -259,7 +294,10 @@ def add_group_options(p: argparse.ArgumentParser, cls: type, group: str) -> None
             kw["type"] = item if item in (int, float, str) else str
         elif base in (int, float, str):
             kw["type"] = base if base is tp else optional(base)
-        else:  # dicts and unions such as int | list[int]
+        elif typing.get_origin(base) is dict:  # musubi-tuner's `--network_args factor=8 decompose_both=true`
+            kw.update(nargs="*", action=KeyValues)
+            kw["help"] += " (key=value ... or one JSON object)"
+        else:  # unions such as int | list[int]
             kw["type"] = json.loads
             kw["help"] += " (JSON)"
         if base is not bool:

@@ -11,6 +11,10 @@
 - CLIP score (when eval.clip_model names a Hugging Face CLIP folder): 100 * max(cos(image, prompt), 0) averaged
   over the grid's prompt images, for base and LoRA.
 
+The LoRA evaluated is `<train.output_name>.safetensors`, or its EMA `<train.output_name>_ema.safetensors` when the
+training kept one (train.ema_decay; metrics/train.json names it); `lora_weights` (raw | ema) in metrics/eval.json. Sample size, steps and guidance default
+to the variant's (Variant.sample_settings), as in training samples and `flux2 generate`.
+
 Outputs: metrics/eval.json (for `dvc metrics diff` / `dvc exp show`), plots/val_loss.csv, plots/loss.png,
 plots/val_loss.png and {eval.output_dir}/grid.png, all logged to the training's MLflow run (its id is in
 metrics/train.json).
@@ -32,6 +36,7 @@ from tqdm import tqdm
 from flux2 import plots, sampling
 from flux2.atomic import atomic_write_json, atomic_write_text
 from flux2.cache_store import CacheError, CacheReader, check_cache_compatible
+from flux2.ema import ema_path
 from flux2.params import Params
 from flux2.train_data import mix_seed
 from flux2.variants import Variant, get_variant
@@ -213,13 +218,13 @@ def clip_scores(model_dir: str | Path, images: list[Image.Image], prompts: list[
 # ---------------------------------------------------------------------------------------------- outputs
 
 def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """{'val_loss': {'base': 1.0}} -> {'val_loss_base': 1.0}; None values left out."""
+    """{'val_loss': {'base': 1.0}} -> {'val_loss_base': 1.0}; None values and words (lora_weights) left out."""
     out = {}
     for key, value in metrics.items():
         name = f"{prefix}_{key}" if prefix else key
         if isinstance(value, dict):
             out.update(flatten(value, name))
-        elif value is not None:
+        elif value is not None and not isinstance(value, str):
             out[name] = float(value)
     return out
 
@@ -259,7 +264,7 @@ def run_models(p: Params, base: Path, variant: Variant, lora_path: Path, loss_it
     e = p.eval
     device = resolve_device(p.model.device)
     dtype = resolve_dtype(p.model.dtype, device, variant)
-    guidance = variant.default_guidance if e.guidance_scale is None else e.guidance_scale
+    settings = variant.sample_settings(steps=e.infer_steps, guidance=e.guidance_scale)
     dit = load_dit(base / p.model.dit, variant, device="cpu" if p.model.blocks_to_swap else device, dtype=dtype,
                    fp8_scaled=p.model.fp8_base or p.model.fp8_scaled, quantize=p.model.quantize)
     if p.model.blocks_to_swap:
@@ -274,8 +279,8 @@ def run_models(p: Params, base: Path, variant: Variant, lora_path: Path, loss_it
         tables[which] = {split: loss_table(dit, items, latents, text, variant, e.timesteps, e.noise_seed,
                                            p.train.guidance, device, f"{which} loss, {split}", progress)
                          for split, items in loss_items.items()}
-        sampled[which] = sample_cases(dit, cases, e.seeds, text, latents, empty_key, variant, guidance,
-                                      e.infer_steps or variant.default_steps, device, dtype)
+        sampled[which] = sample_cases(dit, cases, e.seeds, text, latents, empty_key, variant, settings.guidance,
+                                      settings.steps, device, dtype)
     free(dit)
     return tables, sampled
 
@@ -355,6 +360,7 @@ def log_to_mlflow(p: Params, summary: dict, metrics: dict, eval_files: list[Path
     run = Run(tracking_uri(p.tracking.tracking_uri), p.tracking.experiment, run_id=run_id)
     run.log_metrics(flatten(metrics, "eval"), int(summary.get("steps", 0)))
     run.flush()
+    run.set_tags({"flux2.eval_lora_weights": metrics["lora_weights"]})
     for folder, paths in (("eval", eval_files), ("plots", plot_files)):
         for path in paths:
             run.log_artifact(path, folder)
@@ -374,6 +380,10 @@ def evaluate(p: Params, base: Path = Path("."), progress: bool = True) -> dict:
     variant = get_variant(p.model.model_version)
     summary = read_train_summary(base / "metrics" / "train.json")
     lora_path = base / p.train.output_dir / f"{p.train.output_name}.safetensors"
+    # A training that kept an EMA (train.ema_decay) says so in metrics/train.json; its averaged weights are scored.
+    weights = "ema" if summary.get("lora_ema") else "raw"
+    if weights == "ema":
+        lora_path = ema_path(lora_path)
     if not lora_path.is_file():
         raise EvaluationError(f"{lora_path} not found: run the train stage first (dvc repro train / flux2 train)")
 
@@ -390,7 +400,9 @@ def evaluate(p: Params, base: Path = Path("."), progress: bool = True) -> dict:
     train_items = read_items(manifest, latents_dir, prompt_map, "train")
     if not holdout:
         print("warning: the manifest has no hold-out items (eval.holdout_fraction 0?): no validation loss")
-    cases = grid_cases(e.prompts, e.image_size, prompt_map, holdout, latents, variant.ae.downscale)
+    settings = variant.sample_settings(*(e.image_size or (None, None)), e.infer_steps, e.guidance_scale)
+    cases = grid_cases(e.prompts, [settings.height, settings.width], prompt_map, holdout, latents,
+                       variant.ae.downscale)
     loss_items = {"holdout": holdout[:MAX_LOSS_ITEMS], "train": train_items[:MAX_LOSS_ITEMS]}
 
     tables, sampled = run_models(p, base, variant, lora_path, loss_items, cases, latents, text, prompt_map[""],
@@ -402,13 +414,13 @@ def evaluate(p: Params, base: Path = Path("."), progress: bool = True) -> dict:
     del ae
 
     metrics, curves = loss_metrics(e.timesteps, tables)
+    metrics["lora_weights"] = weights
     if e.clip_model:
         metrics["clip_score"] = clip_metric(base / e.clip_model, cases, images, device)
     if e.concept:
         metrics.update(concept_metric(e.concept, cases, images))
-    guidance = variant.default_guidance if e.guidance_scale is None else e.guidance_scale
     title = (f"{lora_path.name} after {summary.get('steps', '?')} steps: base vs LoRA ({variant.name}, "
-             f"{e.infer_steps or variant.default_steps} sampling steps, guidance {guidance:g})")
+             f"{settings.steps} sampling steps, guidance {settings.guidance:g})")
     grid_path = plots.save_image(build_grid(cases, e.seeds, images, base, title), base / e.output_dir / "grid.png")
     metrics_path = base / "metrics" / "eval.json"
     atomic_write_json(metrics_path, metrics)

@@ -3,8 +3,8 @@
 Models are loaded one after another and freed when done (text encoder, then DiT, then AE decode), so peak
 memory is that of the largest, not the sum. With `from_file`, every model is loaded once for all prompts.
 
-LoRAs (`lora_weight`, any layout flux2.lora_formats reads) are merged into the DiT weights once, right after
-loading, or attached as hooks (`lora_merge=False`); both give the same images. With fp8_scaled the DiT is loaded
+LoRAs (`lora_weight`, any layout flux2.lora_formats reads, LyCORIS LoKr / LoHa included) are merged into the DiT
+weights once, right after loading, or attached as hooks (`lora_merge=False`); both give the same images. With fp8_scaled the DiT is loaded
 unquantised, merged, then quantised, so each weight is rounded to fp8 once. With --quantize nf4 / int8 the LoRAs
 are attached as hooks (merging would round the update into the 4/8-bit grid).
 """
@@ -44,7 +44,7 @@ class GenerateOptions:
     prompt: str | None = None  # one prompt, or `from_file`
     tokenizer: str | None = None
     negative_prompt: str = ""
-    image_size: tuple[int, int] = (1024, 1024)  # (height, width)
+    image_size: tuple[int, int] | None = None  # (height, width); default: the variant's sample_size (1024^2)
     infer_steps: int | None = None  # default: the variant's (4 distilled klein, 50 otherwise)
     guidance_scale: float | None = None  # true CFG for base variants; default: the variant's (4.0)
     embedded_cfg_scale: float = 4.0  # dev's distilled guidance
@@ -123,16 +123,16 @@ def prompt_jobs(opts: GenerateOptions, variant: Variant) -> list[PromptJob]:
     if not lines:
         raise ValueError(f"{opts.from_file}: no prompts (every line is blank or a # comment)")
     jobs = []
+    height, width = opts.image_size or (None, None)
     for sp in lines:
-        height, width = sp.height or opts.image_size[0], sp.width or opts.image_size[1]
-        check_image_size(height, width, variant.ae.downscale)
-        guidance = sp.guidance if sp.guidance is not None else opts.guidance_scale
+        s = variant.sample_settings(sp.height or height, sp.width or width, sp.steps or opts.infer_steps,
+                                    sp.guidance if sp.guidance is not None else opts.guidance_scale)
+        check_image_size(s.height, s.width, variant.ae.downscale)
         seed = sp.seed if sp.seed is not None else opts.seed
         jobs.append(PromptJob(
             prompt=sp.prompt,
             negative_prompt=opts.negative_prompt if sp.negative_prompt is None else sp.negative_prompt,
-            height=height, width=width, steps=sp.steps or opts.infer_steps or variant.default_steps,
-            guidance_scale=variant.default_guidance if guidance is None else guidance,
+            height=s.height, width=s.width, steps=s.steps, guidance_scale=s.guidance,
             seed=seed if seed is not None else random.randint(0, 2**32 - 1),
             flow_shift=sp.flow_shift if sp.flow_shift is not None else opts.flow_shift,
             control_image_path=sp.control_images or opts.control_image_path))
@@ -286,9 +286,7 @@ def load_dit_for(opts: GenerateOptions, variant: Variant, device: torch.device, 
     and quantised there, so the device never holds the unquantised model."""
     from flux2.block_swap import enable_block_swap
     from flux2.fp8 import quantize_linears
-    from flux2.loading import load_dit
-
-    from flux2.loading import dit_quantize_mode
+    from flux2.loading import dit_quantize_mode, load_dit
 
     mode = dit_quantize_mode(opts.fp8_scaled, opts.quantize)
     merge = opts.lora_merge and mode not in ("nf4", "int8")

@@ -3,7 +3,9 @@
 A `LoRAModule` adds `multiplier * (alpha / rank) * up(down(x))` to the output of one Linear (nn.Linear, or a
 frozen quantised one: fp8.Fp8Linear, bnb_linear.Nf4Linear / Int8Linear, which are QLoRA's bases) through a
 forward hook, so the DiT's modules and state_dict keys never change and the update
-can be detached again (`remove()`) or folded into the weights (`merge_into`).
+can be detached again (`remove()`) or folded into the weights (`merge_into`). `AdapterModule` holds that
+mechanism for every adapter kind; LoKr and LoHa (flux2.lycoris) build on it, and a network, its files and
+`apply_loras` take all three alike. `param_groups` gives the optimizer per-block learning rates and LoRA+.
 
 Which modules `create_network` targets (patterns are `re.fullmatch`ed against dotted module paths such as
 `double_blocks.0.img_attn.qkv`, `single_blocks.3.linear1`, `img_in`, `final_layer.linear`):
@@ -15,6 +17,7 @@ Norms are never targeted (they are not Linear layers). Imports only torch and ou
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -26,7 +29,9 @@ from torch import Tensor, nn
 
 from flux2.fp8 import Fp8Linear
 from flux2.loading import expected_dit_shapes
-from flux2.lora_formats import LoRA, check_finite, detect_format, kohya_name, read_lora
+from flux2.lora_formats import (LoRA, LoRAWeights, ModuleWeights, check_finite, detect_format, kohya_name,
+                                read_lora)
+from flux2.network_config import NetworkOptions
 from flux2.safetensors_io import load_file, save_file_atomic
 from flux2.variants import VARIANTS, Variant
 
@@ -46,50 +51,40 @@ def _listing(items: list[str], n: int = 10) -> str:
     return shown if len(items) <= n else f"{shown} (and {len(items) - n} more)"
 
 
-class LoRAModule(nn.Module):
-    """The low-rank update of one Linear: out += multiplier * (alpha / rank) * lora_up(lora_down(x)).
+class AdapterModule(nn.Module):
+    """What every adapter kind shares (LoRA here; LoKr and LoHa in flux2.lycoris): the update of one Linear, added
+    to its output by a forward hook (`attach` / `remove`), so the DiT's modules and keys never change; the
+    `multiplier`; module dropout (the whole update skipped for a step in training); the `alpha` buffer (the kohya
+    key); and merging through `weight_delta`. A subclass holds the parameters and implements `forward(x)` (the
+    update, multiplier included, in its own dtype), `weights()` (its canonical file form) and `up_parameters()`
+    (the factor that starts at zero, which LoRA+ trains faster)."""
 
-    Computed in the LoRA's dtype (often float32 beside a bf16 DiT); the sum is cast back to the output dtype.
-    In training mode: `dropout` on the down output, `rank_dropout` drops whole rank channels per sample (the
-    rest rescaled), `module_dropout` skips the whole update for a step."""
+    kind, label = "lora", "LoRA"
 
-    def __init__(self, path: str, in_features: int, out_features: int, rank: int, alpha: float,
-                 multiplier: float = 1.0, dropout: float = 0.0, rank_dropout: float = 0.0,
-                 module_dropout: float = 0.0, dtype: torch.dtype = torch.float32,
+    def __init__(self, path: str, in_features: int, out_features: int, alpha: float, multiplier: float = 1.0,
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0,
                  device: torch.device | str | None = None):
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
-        for name, p in (("dropout", dropout), ("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
+        for name, p in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
             if not 0.0 <= p < 1.0:
-                raise ValueError(f"LoRA {name} must be in [0, 1), got {p}")
+                raise ValueError(f"{self.label} {name} must be in [0, 1), got {p}")
         self.path = path
-        self.rank = rank
-        self.lora_down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
-        self.lora_up = nn.Linear(rank, out_features, bias=False, dtype=dtype, device=device)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)  # the network starts as the identity
+        self.in_features, self.out_features = in_features, out_features
         # The buffer puts `.alpha` into the state_dict (the kohya key); the float is for arithmetic.
         self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32, device=device))
         self.alpha_value = float(alpha)
-        self.scale = float(alpha) / rank
         self.multiplier = multiplier
-        self.dropout = dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
         self._hook = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        """The update multiplier * scale * up(down(x)), in the LoRA's dtype."""
-        h = self.lora_down(x.to(self.lora_down.weight.dtype))
-        scale = self.multiplier * self.scale
-        if self.training and self.dropout:
-            h = F.dropout(h, p=self.dropout)
-        if self.training and self.rank_dropout:
-            keep = torch.rand((h.shape[0],) + (1,) * (h.ndim - 2) + (self.rank,), device=h.device)
-            h = h * (keep > self.rank_dropout).to(h.dtype)
-            scale = scale / (1.0 - self.rank_dropout)
-        return self.lora_up(h) * scale
+    def weights(self) -> ModuleWeights:
+        """This module's weights in canonical form (detached; flux2.lora_formats)."""
+        raise NotImplementedError
+
+    def up_parameters(self) -> list[nn.Parameter]:
+        """The parameters LoRA+ gives the higher learning rate."""
+        raise NotImplementedError
 
     def _add_update(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
         if self.training and self.module_dropout and torch.rand(()).item() < self.module_dropout:
@@ -100,12 +95,12 @@ class LoRAModule(nn.Module):
     def attach(self, target: nn.Module) -> None:
         """Add this update to `target`'s output (a forward hook; the target is not changed)."""
         if not isinstance(target, LINEAR_TYPES):
-            raise ValueError(f"LoRA for {self.path}: the DiT module there is a {type(target).__name__}, not a Linear")
-        shape, ours = (target.out_features, target.in_features), (self.lora_up.out_features,
-                                                                  self.lora_down.in_features)
+            raise ValueError(f"{self.label} for {self.path}: the DiT module there is a {type(target).__name__}, not a "
+                             "Linear")
+        shape, ours = (target.out_features, target.in_features), (self.out_features, self.in_features)
         if shape != ours:
-            raise ValueError(f"LoRA for {self.path} changes a {ours[0]}x{ours[1]} weight but the DiT's is "
-                             f"{shape[0]}x{shape[1]}: the LoRA is for another variant")
+            raise ValueError(f"{self.label} for {self.path} changes a {ours[0]}x{ours[1]} weight but the DiT's is "
+                             f"{shape[0]}x{shape[1]}: the {self.label} is for another variant")
         self.remove()
         self._hook = target.register_forward_hook(self._add_update)
 
@@ -120,8 +115,51 @@ class LoRAModule(nn.Module):
         return self._hook is not None
 
     def weight_delta(self) -> Tensor:
-        """scale * up @ down in float32 (multiplier not applied): the change to the Linear's weight."""
-        return self.scale * (self.lora_up.weight.float() @ self.lora_down.weight.float())
+        """The change to the Linear's weight in float32, scale applied, multiplier not."""
+        return self.weights().delta()
+
+
+class LoRAModule(AdapterModule):
+    """The low-rank update of one Linear: out += multiplier * (alpha / rank) * lora_up(lora_down(x)).
+
+    Computed in the LoRA's dtype (often float32 beside a bf16 DiT); the sum is cast back to the output dtype.
+    In training mode: `dropout` on the down output, `rank_dropout` drops whole rank channels per sample (the
+    rest rescaled), `module_dropout` skips the whole update for a step."""
+
+    def __init__(self, path: str, in_features: int, out_features: int, rank: int, alpha: float,
+                 multiplier: float = 1.0, dropout: float = 0.0, rank_dropout: float = 0.0,
+                 module_dropout: float = 0.0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        super().__init__(path, in_features, out_features, alpha, multiplier, rank_dropout, module_dropout, device)
+        self.rank = rank
+        self.lora_down = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.lora_up = nn.Linear(rank, out_features, bias=False, dtype=dtype, device=device)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)  # the network starts as the identity
+        self.scale = float(alpha) / rank
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The update multiplier * scale * up(down(x)), in the LoRA's dtype."""
+        h = self.lora_down(x.to(self.lora_down.weight.dtype))
+        scale = self.multiplier * self.scale
+        if self.training and self.dropout:
+            h = F.dropout(h, p=self.dropout)
+        if self.training and self.rank_dropout:
+            keep = torch.rand((h.shape[0],) + (1,) * (h.ndim - 2) + (self.rank,), device=h.device)
+            h = h * (keep > self.rank_dropout).to(h.dtype)
+            scale = scale / (1.0 - self.rank_dropout)
+        return self.lora_up(h) * scale
+
+    def weights(self) -> LoRAWeights:
+        return LoRAWeights(self.lora_down.weight.detach(), self.lora_up.weight.detach(), self.alpha_value, self.path)
+
+    def up_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_up.weight]
 
 
 def linear_modules(dit: nn.Module) -> dict[str, nn.Module]:
@@ -165,19 +203,29 @@ def target_modules(dit: nn.Module, include_patterns: Iterable[str] = (), exclude
 
 
 class LoRANetwork(nn.Module):
-    """A set of LoRAModules for one DiT. Its state_dict is the kohya form (`lora_unet_<path>.lora_down.weight`,
-    `.lora_up.weight`, `.alpha`), as ComfyUI, musubi-tuner and diffusers read it."""
+    """A set of adapter modules (LoRA, LoKr, LoHa) for one DiT. Its state_dict is the kohya form
+    (`lora_unet_<path>.lora_down.weight`, `.lora_up.weight`, `.alpha`; LyCORIS' `.lokr_w1`, `.hada_w1_a`, ...), as
+    ComfyUI, musubi-tuner and LyCORIS read it (diffusers too for LoRA)."""
 
-    def __init__(self, variant: Variant, modules: Iterable[LoRAModule], origin: str = ""):
+    def __init__(self, variant: Variant, modules: Iterable[AdapterModule], origin: str = "",
+                 network_args: dict[str, str] | None = None):
         super().__init__()
         self.variant = variant
         self.origin = origin  # the file it was loaded from, if any
+        self.network_args = dict(network_args or {})  # as LyCORIS records them (ss_network_args)
         for m in modules:
             self.add_module(kohya_name(m.path), m)
 
     @property
-    def lora_modules(self) -> list[LoRAModule]:
-        return [m for m in self.children() if isinstance(m, LoRAModule)]
+    def lora_modules(self) -> list[AdapterModule]:
+        """The adapter modules, of any kind."""
+        return [m for m in self.children() if isinstance(m, AdapterModule)]
+
+    @property
+    def network_type(self) -> str:
+        """lora, lokr or loha ("mixed" for a file that mixes them)."""
+        kinds = {m.kind for m in self.lora_modules}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
 
     def apply_to(self, dit: nn.Module) -> None:
         """Attach every module to its Linear of `dit` (forward hooks; `dit` and its keys do not change)."""
@@ -216,10 +264,14 @@ class LoRANetwork(nn.Module):
     def file_metadata(self) -> dict[str, str]:
         """The metadata that describes this network in a saved file (kohya `ss_*` and modelspec keys)."""
         arch = self.variant.arch
-        meta = {"ss_network_module": NETWORK_MODULE, "ss_base_model_version": arch,
+        kind = self.network_type
+        meta = {"ss_network_module": NETWORK_MODULE if kind == "lora" else "lycoris.kohya",
+                "ss_base_model_version": arch, "flux2.network_type": kind,
                 "modelspec.sai_model_spec": "1.0.0",
                 "modelspec.architecture": MODELSPEC_ARCHITECTURES.get(arch, f"Flux.2-{self.variant.name}") + "/lora",
                 "modelspec.implementation": IMPLEMENTATION}
+        if kind != "lora":
+            meta["ss_network_args"] = json.dumps(self.network_args or {"algo": kind})
         ranks = {m.rank for m in self.lora_modules}
         alphas = {m.alpha_value for m in self.lora_modules}
         if len(ranks) == 1:
@@ -274,18 +326,59 @@ class LoRANetwork(nn.Module):
 
 def create_network(dit: nn.Module, rank: int, alpha: float | None = 1.0, include_patterns: Iterable[str] = (),
                    exclude_patterns: Iterable[str] = (), dropout: float = 0.0, rank_dropout: float = 0.0,
-                   module_dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> LoRANetwork:
-    """A new LoRA network for `dit` (not attached yet: call `apply_to`). scale = alpha / rank; alpha None or 0
+                   module_dropout: float = 0.0, dtype: torch.dtype = torch.float32,
+                   options: NetworkOptions | None = None) -> LoRANetwork:
+    """A new network for `dit` (not attached yet: call `apply_to`): LoRA, or LoKr / LoHa as `options.network_type`
+    says, with `options`' per-block ranks (0: no module there) and alphas. scale = alpha / rank; alpha None or 0
     means alpha = rank (scale 1), as in kohya's trainers. The modules live on the device of their Linear."""
-    if alpha is None or alpha == 0:
-        alpha = float(rank)
-    if alpha < 0:
-        raise ValueError(f"LoRA alpha must be positive, got {alpha}")
-    modules = [LoRAModule(path, m.in_features, m.out_features, rank, alpha, dropout=dropout,
-                          rank_dropout=rank_dropout, module_dropout=module_dropout, dtype=dtype,
-                          device=m.weight.device)
-               for path, m in target_modules(dit, include_patterns, exclude_patterns).items()]
-    return LoRANetwork(dit.variant, modules)
+    options = options or NetworkOptions()
+    modules = []
+    for path, m in target_modules(dit, include_patterns, exclude_patterns).items():
+        module_rank = options.rank_for(path, rank)
+        if module_rank == 0:
+            continue
+        module_alpha = options.alpha_for(path, alpha)
+        if module_alpha is None or module_alpha == 0:
+            module_alpha = float(module_rank)
+        if module_alpha < 0:
+            raise ValueError(f"LoRA alpha must be positive, got {module_alpha}")
+        modules.append(_new_module(options, path, m, module_rank, module_alpha, dropout, rank_dropout,
+                                   module_dropout, dtype))
+    if not modules:
+        raise ValueError("train.network_args: the per-block ranks of 0 leave no module to train")
+    return LoRANetwork(dit.variant, modules,
+                       network_args=options.lycoris_args() if options.network_type != "lora" else None)
+
+
+def _new_module(options: NetworkOptions, path: str, linear: nn.Module, rank: int, alpha: float, dropout: float,
+                rank_dropout: float, module_dropout: float, dtype: torch.dtype) -> AdapterModule:
+    shape = dict(in_features=linear.in_features, out_features=linear.out_features, rank=rank, alpha=alpha,
+                 rank_dropout=rank_dropout, module_dropout=module_dropout, dtype=dtype, device=linear.weight.device)
+    if options.network_type == "lora":
+        return LoRAModule(path, dropout=dropout, **shape)
+    from flux2.lycoris import LoHaModule, LoKrModule  # they build on this module
+
+    if options.network_type == "lokr":
+        return LoKrModule(path, factor=options.factor, decompose_both=options.decompose_both,
+                          full_matrix=options.full_matrix, **shape)
+    return LoHaModule(path, **shape)
+
+
+def param_groups(network: LoRANetwork, learning_rate: float, options: NetworkOptions | None = None) -> list[dict]:
+    """The optimizer's parameter groups: one per learning rate (the per-block rates of `options`, LoRA+'s ratio on
+    each module's up factor), each {"params", "lr", "lr_scale"} with lr = learning_rate * lr_scale; training
+    multiplies lr_scale by the schedule's rate. Groups and their parameters follow the module order, so a rebuilt
+    optimizer lines up with a checkpoint's state. One group when every rate is learning_rate."""
+    options = options or NetworkOptions()
+    ratio = options.loraplus_lr_ratio or 1.0
+    groups: dict[float, list[nn.Parameter]] = {}
+    for m in network.lora_modules:
+        block = options.lr_for(m.path, learning_rate) / learning_rate if learning_rate else 1.0
+        up = {id(q) for q in m.up_parameters()}
+        for q in m.parameters():
+            if q.requires_grad:
+                groups.setdefault(block * ratio if id(q) in up else block, []).append(q)
+    return [{"params": params, "lr": learning_rate * scale, "lr_scale": scale} for scale, params in groups.items()]
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -311,7 +404,7 @@ def _fitting_variants(lora: LoRA) -> str:
     by_arch: dict[str, list[str]] = {}
     for name, variant in VARIANTS.items():
         shapes = expected_dit_shapes(variant)
-        if all(shapes.get(f"{path}.weight") == (w.up.shape[0], w.down.shape[1]) for path, w in lora.modules.items()):
+        if all(shapes.get(f"{path}.weight") == w.shape for path, w in lora.modules.items()):
             by_arch.setdefault(variant.arch, []).append(name)
     return "; ".join(f"{arch} ({', '.join(names)})" for arch, names in by_arch.items())
 
@@ -340,7 +433,7 @@ def network_from_lora(dit: nn.Module, lora: LoRA, multiplier: float = 1.0) -> Lo
     wrong = []
     for path, w in lora.modules.items():
         model = (linears[path].out_features, linears[path].in_features)
-        theirs = (w.up.shape[0], w.down.shape[1])
+        theirs = w.shape
         if model != theirs:
             wrong.append(f"{path} (model {model[0]}x{model[1]}, LoRA {theirs[0]}x{theirs[1]})")
     if wrong:
@@ -349,11 +442,17 @@ def network_from_lora(dit: nn.Module, lora: LoRA, multiplier: float = 1.0) -> Lo
                          "the LoRA with the model it was trained for.")
     modules = []
     for path, w in lora.modules.items():
-        m = LoRAModule(path, w.down.shape[1], w.up.shape[0], w.rank, w.alpha, multiplier=multiplier,
-                       device=linears[path].weight.device)
-        with torch.no_grad():
-            m.lora_down.weight.copy_(w.down)
-            m.lora_up.weight.copy_(w.up)
+        device = linears[path].weight.device
+        if w.kind == "lora":
+            m = LoRAModule(path, w.down.shape[1], w.up.shape[0], w.rank, w.alpha, multiplier=multiplier,
+                           device=device)
+            with torch.no_grad():
+                m.lora_down.weight.copy_(w.down)
+                m.lora_up.weight.copy_(w.up)
+        else:
+            from flux2.lycoris import LoHaModule, LoKrModule  # they build on this module
+
+            m = (LoKrModule if w.kind == "lokr" else LoHaModule).from_weights(path, w, multiplier, device)
         modules.append(m)
     network = LoRANetwork(variant, modules, origin=lora.origin)
     return network.requires_grad_(False).eval()

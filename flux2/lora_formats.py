@@ -1,7 +1,12 @@
 """LoRA files for the FLUX.2 DiT: one canonical in-memory form and the three layouts found on disk.
 
 Canonical form (`LoRA`): BFL module path (`double_blocks.0.img_attn.qkv`, `single_blocks.3.linear1`, `img_in`)
--> `LoRAWeights(down (r, in), up (out, r), alpha)`; the module's weight changes by (alpha / r) * up @ down.
+-> the module's update, one of
+- `LoRAWeights(down (r, in), up (out, r), alpha)`: the weight changes by (alpha / r) * up @ down;
+- `LoKrWeights` (LyCORIS LoKr): scale * kron(w1, w2), each factor whole or a low-rank product;
+- `LoHaWeights` (LyCORIS LoHa): (alpha / r) * (w1_a @ w1_b) * (w2_a @ w2_b), elementwise.
+LoKr and LoHa use LyCORIS' tensor names (`lokr_w1`, `lokr_w2_a`, `hada_w1_a`, ... and `alpha`) in the kohya
+and comfy layouts, as ComfyUI, musubi-tuner and LyCORIS read them; their scale follows ComfyUI and LyCORIS.
 
 Layouts (`detect_format` tells them apart by their keys):
 - "kohya" (musubi-tuner, sd-scripts; ComfyUI and diffusers read it too): `lora_unet_<path, '.' -> '_'>`
@@ -24,7 +29,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 from torch import Tensor
@@ -71,9 +76,18 @@ _BLOCKS = (("double_blocks", "transformer_blocks", DOUBLE_BLOCK_LINEARS),
 _AB_SUFFIXES = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up"}
 _PREFIXES = {"kohya": ("lora_unet_",), "comfy": ("diffusion_model.",),
              "diffusers": ("transformer.", "base_model.model.")}
-# Adapter kinds that are not a plain low-rank product; each marker is searched in the keys.
-_UNSUPPORTED = {".lokr_": "LoKr (LyCORIS)", ".hada_": "LoHa (LyCORIS)", "dora_scale": "DoRA",
-                "lora_magnitude_vector": "DoRA", ".oft_": "OFT"}
+# Adapter kinds flux2 does not apply; each marker is searched in the keys.
+_UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", ".oft_": "OFT",
+                **{f".{t}": "Tucker-decomposed (convolution) LyCORIS" for t in ("lokr_t1", "lokr_t2", "hada_t1",
+                                                                                "hada_t2")},
+                ".lora_mid.": "Tucker-decomposed (convolution) LoCon"}
+# The tensors of one module, by adapter kind (`alpha` is shared by all three).
+LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight")
+LOKR_SUFFIXES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+_LYCORIS_SUFFIXES = LOKR_SUFFIXES + LOHA_SUFFIXES
+# Tensors outside any module that some writers add and that change nothing (musubi-tuner's LoKr factor).
+_IGNORED_KEYS = frozenset({"lokr_factor"})
 
 
 class LoRAFormatError(ValueError):
@@ -88,6 +102,7 @@ class LoRAWeights:
     up: Tensor  # (out_features, rank)
     alpha: float
     source: str = ""  # the module's name(s) in the file it came from, for messages
+    kind: ClassVar[str] = "lora"
 
     @property
     def rank(self) -> int:
@@ -97,16 +112,118 @@ class LoRAWeights:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out_features, in_features) of the weight it changes."""
+        return self.up.shape[0], self.down.shape[1]
+
     def delta(self) -> Tensor:
         """(alpha / rank) * up @ down in float32: what is added to the weight at multiplier 1."""
         return self.scale * (self.up.float() @ self.down.float())
 
+    def tensors(self) -> dict[str, Tensor]:
+        """The module's tensors by their kohya suffix."""
+        return {"lora_down.weight": self.down, "lora_up.weight": self.up,
+                "alpha": torch.tensor(self.alpha, dtype=torch.float32)}
+
+
+@dataclass
+class LoKrWeights:
+    """One module's LoKr update (LyCORIS): the weight changes by scale * kron(w1, w2).
+
+    Each factor is stored whole (`w1` (a, c), `w2` (b, d)) or as a low-rank product (`w1_a @ w1_b`,
+    `w2_a @ w2_b`); the weight is (a * b, c * d). scale = alpha / rank of the low-rank factor (w2's, else w1's),
+    and 1 when both factors are whole - the rule of ComfyUI, LyCORIS and diffusers."""
+
+    w1: Tensor | None = None
+    w1_a: Tensor | None = None
+    w1_b: Tensor | None = None
+    w2: Tensor | None = None
+    w2_a: Tensor | None = None
+    w2_b: Tensor | None = None
+    alpha: float = 1.0
+    source: str = ""
+    kind: ClassVar[str] = "lokr"
+
+    @property
+    def rank(self) -> int | None:
+        """The inner dimension of the low-rank factor (None when both factors are whole)."""
+        if self.w2_b is not None:
+            return self.w2_b.shape[0]
+        return self.w1_b.shape[0] if self.w1_b is not None else None
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.rank is None else self.alpha / self.rank
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(w1, w2) as whole matrices, in float32 (unscaled)."""
+        w1 = self.w1.float() if self.w1 is not None else self.w1_a.float() @ self.w1_b.float()
+        w2 = self.w2.float() if self.w2 is not None else self.w2_a.float() @ self.w2_b.float()
+        return w1, w2
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        (a, c), (b, d) = (_factor_shape(self.w1, self.w1_a, self.w1_b), _factor_shape(self.w2, self.w2_a, self.w2_b))
+        return a * b, c * d
+
+    def delta(self) -> Tensor:
+        """scale * kron(w1, w2) in float32."""
+        return self.scale * torch.kron(*self.factors())
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {f"lokr_{name}": t for name in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
+               if (t := getattr(self, name)) is not None}
+        return {**out, "alpha": torch.tensor(self.alpha, dtype=torch.float32)}
+
+
+@dataclass
+class LoHaWeights:
+    """One module's LoHa update (LyCORIS): the weight changes by (alpha / rank) * (w1_a @ w1_b) * (w2_a @ w2_b),
+    the product taken elementwise (Hadamard); rank is w1_b's first dimension."""
+
+    w1_a: Tensor  # (out_features, rank)
+    w1_b: Tensor  # (rank, in_features)
+    w2_a: Tensor
+    w2_b: Tensor
+    alpha: float
+    source: str = ""
+    kind: ClassVar[str] = "loha"
+
+    @property
+    def rank(self) -> int:
+        return self.w1_b.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.w1_a.shape[0], self.w1_b.shape[1]
+
+    def delta(self) -> Tensor:
+        """(alpha / rank) * (w1_a @ w1_b) * (w2_a @ w2_b) in float32."""
+        f = [t.float() for t in (self.w1_a, self.w1_b, self.w2_a, self.w2_b)]
+        return self.scale * ((f[0] @ f[1]) * (f[2] @ f[3]))
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"hada_w1_a": self.w1_a, "hada_w1_b": self.w1_b, "hada_w2_a": self.w2_a, "hada_w2_b": self.w2_b,
+                "alpha": torch.tensor(self.alpha, dtype=torch.float32)}
+
+
+ModuleWeights = LoRAWeights | LoKrWeights | LoHaWeights
+
+
+def _factor_shape(whole: Tensor | None, a: Tensor | None, b: Tensor | None) -> tuple[int, int]:
+    return tuple(whole.shape) if whole is not None else (a.shape[0], b.shape[1])
+
 
 @dataclass
 class LoRA:
-    """A LoRA in canonical form: BFL module path -> weights, plus the file's metadata."""
+    """A LoRA (or LyCORIS adapter) in canonical form: BFL module path -> weights, plus the file's metadata."""
 
-    modules: dict[str, LoRAWeights]
+    modules: dict[str, ModuleWeights]
     metadata: dict[str, str] = field(default_factory=dict)
     format: str = "kohya"  # the layout it was read from
     origin: str = "<state dict>"  # the file it was read from, for messages
@@ -184,16 +301,16 @@ def _listing(items: list[str], n: int = 10) -> str:
 
 def detect_format(keys: Iterable[str], origin: str = "<state dict>") -> str:
     """'kohya', 'comfy' or 'diffusers' from the tensor names; LoRAFormatError for anything else."""
-    keys = list(keys)
+    keys = [k for k in keys if k not in _IGNORED_KEYS]
     if not keys:
         raise LoRAFormatError(f"{origin} holds no tensors: it is not a LoRA; download or export it again")
     for marker, kind in _UNSUPPORTED.items():
         hits = [k for k in keys if marker in k]
         if hits:
             raise LoRAFormatError(
-                f"{origin} is a {kind} adapter (keys like {hits[0]!r}), which flux2 does not support: only plain "
-                "LoRA (lora_down/lora_up or lora_A/lora_B pairs) can be applied or converted. Use the tool that "
-                "made it, or extract a plain LoRA from it first")
+                f"{origin} is a {kind} adapter (keys like {hits[0]!r}), which flux2 does not support: only LoRA "
+                "(lora_down/lora_up or lora_A/lora_B pairs), LoKr (lokr_*) and LoHa (hada_*) can be applied or "
+                "converted. Use the tool that made it, or extract a plain LoRA from it first")
     found = {fmt: [k for k in keys if k.startswith(prefixes)] for fmt, prefixes in _PREFIXES.items()}
     found = {fmt: ks for fmt, ks in found.items() if ks}
     misfits = [k for k in keys if not any(k.startswith(p) for ps in _PREFIXES.values() for p in ps)]
@@ -205,6 +322,10 @@ def detect_format(keys: Iterable[str], origin: str = "<state dict>") -> str:
         hint = ""
         if any(k.startswith(("lora_te", "text_encoder", "te_")) for k in misfits):
             hint = " (text-encoder LoRA keys: FLUX.2 LoRAs train only the DiT)"
+        elif any(k.startswith("lycoris_") for k in misfits):
+            hint = (" (LyCORIS' own wrapper layout with diffusers module names, as SimpleTuner writes it; flux2 "
+                    "reads LyCORIS adapters in the kohya layout lora_unet_<module>.lokr_w1 that ComfyUI and "
+                    "musubi-tuner use)")
         raise LoRAFormatError(f"{origin} is not a FLUX.2 DiT LoRA in a known layout{hint}: {len(misfits)} of its "
                               f"{len(keys)} keys fit none of {layouts}: {_listing(misfits)}")
     raise LoRAFormatError(f"{origin} mixes LoRA layouts ({', '.join(found)}); a file must use one of {layouts}")
@@ -221,6 +342,7 @@ def lora_from_state_dict(sd: dict[str, Tensor], metadata: dict[str, str] | None 
                          origin: str = "<state dict>") -> LoRA:
     """Canonical form of a LoRA state dict in any supported layout (detected from its keys)."""
     metadata = dict(metadata or {})
+    sd = {k: v for k, v in sd.items() if k not in _IGNORED_KEYS}
     fmt = detect_format(sd, origin)
     modules = _read_kohya(sd, origin) if fmt == "kohya" else _read_ab(sd, fmt, metadata, origin)
     return LoRA(modules, metadata, fmt, origin)
@@ -236,23 +358,68 @@ def _unmatched_error(origin: str, names: list[str], total: int) -> LoRAFormatErr
                            f"{_listing(names)}.{hint}")
 
 
-def _read_kohya(sd: dict[str, Tensor], origin: str) -> dict[str, LoRAWeights]:
+def _read_kohya(sd: dict[str, Tensor], origin: str) -> dict[str, ModuleWeights]:
     groups: dict[str, dict[str, Tensor]] = {}
     for key, tensor in sd.items():
         name, _, suffix = key.partition(".")
-        if suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
+        if suffix not in (*LORA_SUFFIXES, *_LYCORIS_SUFFIXES, "alpha"):
             raise LoRAFormatError(f"{origin}: key {key!r} has an unknown suffix {suffix!r}; a kohya LoRA has only "
-                                  "`.lora_down.weight`, `.lora_up.weight` and `.alpha` per module")
+                                  "`.lora_down.weight`, `.lora_up.weight` and `.alpha` per module (LyCORIS LoKr: "
+                                  "`.lokr_w1`, `.lokr_w2` or `.lokr_w2_a` / `.lokr_w2_b`; LoHa: `.hada_w1_a` ...)")
         groups.setdefault(name, {})[suffix] = tensor
     unmatched = [name for name in groups if module_path_from_kohya(name) is None]
     if unmatched:
         raise _unmatched_error(origin, unmatched, len(groups))
-    modules = {}
-    for name, parts in groups.items():
+    return {module_path_from_kohya(name): module_weights(parts, name, origin) for name, parts in groups.items()}
+
+
+def module_weights(parts: dict[str, Tensor], name: str, origin: str = "<state dict>") -> ModuleWeights:
+    """One module's weights from its tensors by kohya suffix (`lora_down.weight`, `lokr_w1`, `hada_w1_a`, `alpha`
+    ...): a LoRA, LoKr or LoHa, checked. A missing alpha means scale 1."""
+    kinds = [kind for kind, suffixes in (("LoRA", LORA_SUFFIXES), ("LoKr", LOKR_SUFFIXES), ("LoHa", LOHA_SUFFIXES))
+             if any(s in parts for s in suffixes)]
+    if len(kinds) != 1:
+        what = f"mixes {' and '.join(kinds)} tensors" if kinds else "has an alpha but no weights"
+        raise LoRAFormatError(f"{origin}: module {name} {what}; the file is damaged, export it again")
+    alpha = _alpha(parts["alpha"], name, origin) if "alpha" in parts else None
+    if kinds[0] == "LoRA":
         down, up = _pair(parts.get("lora_down.weight"), parts.get("lora_up.weight"), name, origin)
-        alpha = _alpha(parts["alpha"], name, origin) if "alpha" in parts else float(down.shape[0])
-        modules[module_path_from_kohya(name)] = LoRAWeights(down, up, alpha, name)
-    return modules
+        return LoRAWeights(down, up, float(down.shape[0]) if alpha is None else alpha, name)
+    matrices = {s: _matrix(parts[s], name, s, origin) for s in _LYCORIS_SUFFIXES if s in parts}
+    if kinds[0] == "LoKr":
+        for w in ("lokr_w1", "lokr_w2"):
+            pair = [f"{w}_a" in matrices, f"{w}_b" in matrices]
+            if (w in matrices) == any(pair) or pair[0] != pair[1]:
+                raise LoRAFormatError(f"{origin}: module {name} needs either {w} or both {w}_a and {w}_b (it has "
+                                      f"{', '.join(sorted(matrices))}); the file is incomplete, export it again")
+            if pair[0] and matrices[f"{w}_a"].shape[1] != matrices[f"{w}_b"].shape[0]:
+                raise LoRAFormatError(f"{origin}: module {name} has {w}_a {tuple(matrices[f'{w}_a'].shape)} and "
+                                      f"{w}_b {tuple(matrices[f'{w}_b'].shape)} of different ranks")
+        weights = LoKrWeights(**{k.removeprefix("lokr_"): v for k, v in matrices.items()}, source=name)
+        weights.alpha = float(weights.rank or 1) if alpha is None else alpha
+        return weights
+    missing = [s for s in LOHA_SUFFIXES if s not in matrices]
+    if missing:
+        raise LoRAFormatError(f"{origin}: module {name} lacks {', '.join(missing)}; the file is incomplete, "
+                              "export it again")
+    w1_a, w1_b, w2_a, w2_b = (matrices[s] for s in LOHA_SUFFIXES)
+    if not (w1_a.shape[1] == w1_b.shape[0] and w2_a.shape[1] == w2_b.shape[0]
+            and w1_a.shape[0] == w2_a.shape[0] and w1_b.shape[1] == w2_b.shape[1]):
+        raise LoRAFormatError(f"{origin}: module {name} has LoHa factors of shapes "
+                              f"{[tuple(m.shape) for m in (w1_a, w1_b, w2_a, w2_b)]}; expected (out, r) (r, in) "
+                              "(out, r') (r', in)")
+    return LoHaWeights(w1_a, w1_b, w2_a, w2_b, float(w1_b.shape[0]) if alpha is None else alpha, name)
+
+
+def _matrix(t: Tensor, name: str, suffix: str, origin: str) -> Tensor:
+    """A non-empty floating-point matrix (fp8 widened exactly to bf16)."""
+    if t.ndim != 2 or 0 in t.shape:
+        raise LoRAFormatError(f"{origin}: module {name} has {suffix} of shape {tuple(t.shape)}; expected a "
+                              "non-empty matrix (convolution adapters do not fit the FLUX.2 DiT)")
+    if not t.is_floating_point():
+        raise LoRAFormatError(f"{origin}: module {name} stores {suffix} as {t.dtype}; an adapter holds "
+                              "floating-point weights")
+    return t.to(torch.bfloat16) if t.element_size() == 1 else t
 
 
 def _pair(down: Tensor | None, up: Tensor | None, name: str, origin: str) -> tuple[Tensor, Tensor]:
@@ -310,18 +477,19 @@ def _peft_scale(config: dict | None, name: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def _read_ab(sd: dict[str, Tensor], fmt: str, metadata: dict[str, str], origin: str) -> dict[str, LoRAWeights]:
-    """Read the comfy and diffusers layouts: lora_A / lora_B (or lora_down / lora_up) pairs under a prefix."""
+def _read_ab(sd: dict[str, Tensor], fmt: str, metadata: dict[str, str], origin: str) -> dict[str, ModuleWeights]:
+    """Read the comfy and diffusers layouts: lora_A / lora_B (or lora_down / lora_up) pairs under a prefix, or
+    LyCORIS tensors (lokr_w1, hada_w1_a, ...) of one BFL module each."""
+    suffixes = "|".join(re.escape(s) for s in (*_AB_SUFFIXES, *_LYCORIS_SUFFIXES, "alpha"))
     groups: dict[str, dict[str, Tensor]] = {}
     for key, tensor in sd.items():
         prefix = next(p for p in _PREFIXES[fmt] if key.startswith(p))
         rest = key[len(prefix):]
-        m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha)", rest)
+        m = re.fullmatch(rf"(.+)\.({suffixes})", rest)
         if not m:
             raise LoRAFormatError(f"{origin}: key {key!r} is not a LoRA matrix; expected {prefix}<module>.lora_A."
-                                  "weight / .lora_B.weight (or lora_down / lora_up, .alpha)")
-        part = "alpha" if m.group(2) == "alpha" else _AB_SUFFIXES[m.group(2)]
-        groups.setdefault(m.group(1), {})[part] = tensor
+                                  "weight / .lora_B.weight (or lora_down / lora_up, .alpha, LyCORIS lokr_* / hada_*)")
+        groups.setdefault(m.group(1), {})[_AB_SUFFIXES.get(m.group(2), m.group(2))] = tensor
 
     config = _peft_config(metadata, origin) if fmt == "diffusers" else None
     resolved: dict[str, tuple[str, int, int]] = {}
@@ -335,9 +503,20 @@ def _read_ab(sd: dict[str, Tensor], fmt: str, metadata: dict[str, str], origin: 
         raise _unmatched_error(origin, unmatched, len(groups))
 
     # Gather the pieces of each BFL module (three for a fused qkv given in diffusers names).
-    pieces: dict[str, tuple[int, dict[int, LoRAWeights]]] = {}
+    pieces: dict[str, tuple[int, dict[int, ModuleWeights]]] = {}
+    lycoris: dict[str, ModuleWeights] = {}
     for name, parts in groups.items():
         path, index, count = resolved[name]
+        if any(s in parts for s in _LYCORIS_SUFFIXES):
+            if count != 1 or path in SWAPPED_HALVES and name != path:
+                raise LoRAFormatError(f"{origin}: LyCORIS module {name} changes a piece of FLUX.2's {path}; a "
+                                      "Kronecker or Hadamard update of separate q/k/v (or swapped halves) cannot be "
+                                      "fused exactly: use a file for the BFL modules (lora_unet_* or "
+                                      "diffusion_model.<BFL module>)")
+            if path in lycoris or path in pieces:
+                raise LoRAFormatError(f"{origin} holds module {path} twice; export it again")
+            lycoris[path] = module_weights(parts, name, origin)
+            continue
         down, up = _pair(parts.get("down"), parts.get("up"), name, origin)
         rank = down.shape[0]
         if "alpha" in parts:
@@ -353,12 +532,12 @@ def _read_ab(sd: dict[str, Tensor], fmt: str, metadata: dict[str, str], origin: 
         if path in SWAPPED_HALVES and name != path:  # diffusers' [scale; shift] back to BFL's [shift; scale]
             up = torch.cat(up.chunk(2, dim=0)[::-1])
         known_count, known = pieces.setdefault(path, (count, {}))
-        if index in known or known_count != count:
+        if index in known or known_count != count or path in lycoris:
             other = ", ".join(w.source for w in known.values())
             raise LoRAFormatError(f"{origin} holds module {path} twice (as {other} and as {name}); export it again")
         known[index] = LoRAWeights(down, up, alpha, name)
 
-    return {path: _fuse(path, parts, count, origin) for path, (count, parts) in pieces.items()}
+    return {**lycoris, **{path: _fuse(path, parts, count, origin) for path, (count, parts) in pieces.items()}}
 
 
 def _fuse(path: str, parts: dict[int, LoRAWeights], count: int, origin: str) -> LoRAWeights:
@@ -399,20 +578,20 @@ def _folded(w: LoRAWeights) -> tuple[Tensor, Tensor]:
 
 
 def to_kohya(lora: LoRA) -> dict[str, Tensor]:
-    """The kohya layout: lora_down / lora_up / alpha (a float32 scalar) per module."""
-    out = {}
-    for path, w in lora.modules.items():
-        name = kohya_name(path)
-        out[f"{name}.lora_down.weight"] = w.down.contiguous()
-        out[f"{name}.lora_up.weight"] = w.up.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(w.alpha, dtype=torch.float32)
-    return out
+    """The kohya layout: lora_down / lora_up / alpha (a float32 scalar) per module; LoKr and LoHa modules with
+    LyCORIS' tensor names (`lora_unet_<module>.lokr_w1`, ...)."""
+    return {f"{kohya_name(path)}.{suffix}": t.contiguous() for path, w in lora.modules.items()
+            for suffix, t in w.tensors().items()}
 
 
 def to_comfy(lora: LoRA) -> dict[str, Tensor]:
-    """The BFL / ComfyUI layout: `diffusion_model.<path>.lora_A/B.weight`, alpha folded in, no alpha keys."""
+    """The BFL / ComfyUI layout: `diffusion_model.<path>.lora_A/B.weight`, alpha folded in, no alpha keys; LoKr
+    and LoHa modules as `diffusion_model.<path>.lokr_w1` ... with their alpha (the layout diffusers reads LoKr in)."""
     out = {}
     for path, w in lora.modules.items():
+        if w.kind != "lora":
+            out.update({f"diffusion_model.{path}.{suffix}": t.contiguous() for suffix, t in w.tensors().items()})
+            continue
         down, up = _folded(w)
         out[f"diffusion_model.{path}.lora_A.weight"] = down.contiguous()
         out[f"diffusion_model.{path}.lora_B.weight"] = up.contiguous()
@@ -422,7 +601,12 @@ def to_comfy(lora: LoRA) -> dict[str, Tensor]:
 def to_diffusers(lora: LoRA) -> dict[str, Tensor]:
     """The diffusers / PEFT layout: `transformer.<diffusers module>.lora_A/B.weight`, alpha folded in.
 
-    A fused qkv becomes three modules sharing (a copy of) down, with up cut in three: exact."""
+    A fused qkv becomes three modules sharing (a copy of) down, with up cut in three: exact. LoRA only."""
+    lycoris = [path for path, w in lora.modules.items() if w.kind != "lora"]
+    if lycoris:
+        raise LoRAFormatError(f"{lora.origin} is a LyCORIS adapter ({lora.modules[lycoris[0]].kind} modules such "
+                              f"as {lycoris[0]}); the diffusers layout here holds LoRA only. diffusers reads FLUX.2 "
+                              "LoKr files in the comfy layout (--target comfy) and does not load LoHa")
     out = {}
     for path, w in lora.modules.items():
         down, up = _folded(w)
@@ -462,7 +646,7 @@ def write_lora(lora: LoRA, path: str | os.PathLike, target: str) -> None:
     check_finite(tensors, path)
     metadata = {k: v for k, v in lora.metadata.items() if k not in ("format", "lora_adapter_metadata")}
     if target == "kohya":
-        for key, value in (("ss_network_dim", _uniform(w.rank for w in lora.modules.values())),
+        for key, value in (("ss_network_dim", _uniform(w.rank for w in lora.modules.values() if w.rank)),
                            ("ss_network_alpha", _uniform(w.alpha for w in lora.modules.values()))):
             metadata.pop(key, None)
             if value is not None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from flux2.network_config import NetworkConfigError, network_options
 from flux2.variants import VARIANTS
 
 
@@ -84,14 +85,19 @@ class TrainParams:
     checkpoint_dir: str = "checkpoints"
     network_dim: int = 32
     network_alpha: float = 1.0
+    network_type: str = "lora"  # lora | lokr | loha (LyCORIS); docs/adapters.md
+    network_args: dict[str, Any] = field(default_factory=dict)  # LoKr factor, per-block ranks / rates (network_config)
     network_dropout: float = 0.0
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     include_patterns: list[str] = field(default_factory=list)
     exclude_patterns: list[str] = field(default_factory=list)
+    network_module: str = "networks.lora_flux_2"  # musubi-tuner's module name for the FLUX.2 LoRA
+    network_weights: str | None = None  # start from this LoRA file (kohya, ComfyUI/BFL or diffusers layout)
     optimizer_type: str = "adamw"  # adamw | adamw8bit | adafactor | module.Class
     optimizer_args: dict[str, Any] = field(default_factory=dict)
     learning_rate: float = 1e-4
+    loraplus_lr_ratio: float | None = None  # LoRA+: the up weights learn at ratio x learning_rate (null: off)
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     lr_scheduler_num_cycles: int = 1
@@ -113,9 +119,12 @@ class TrainParams:
     weighting_scheme: str = "none"  # none | sigma_sqrt | cosmap
     guidance: float = 1.0  # dev's embedded guidance input during training
     caption_dropout_rate: float = 0.0
+    ema_decay: float | None = None  # EMA of the LoRA weights, saved beside it as <output_name>_ema; null/0: off
     sample_prompts: str | None = None
     sample_every_n_steps: int = 0
-    save_every_n_steps: int = 100
+    sample_every_n_epochs: int = 0
+    save_every_n_steps: int = 100  # checkpoints (resumable state)
+    save_every_n_epochs: int = 0  # LoRA files <output_name>-<epoch:06d>.safetensors (not after the last epoch)
     max_bad_steps: int = 10
     log_every_n_steps: int = 1
 
@@ -137,7 +146,7 @@ class EvalParams:
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     timesteps: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     noise_seed: int = 1234
-    image_size: list[int] = field(default_factory=lambda: [1024, 1024])  # [height, width]
+    image_size: list[int] | None = None  # [height, width]; default: the variant's sample size (1024^2; tiny 128^2)
     infer_steps: int | None = None
     guidance_scale: float | None = None
     clip_model: str | None = None
@@ -298,6 +307,10 @@ def check_semantics(p: Params) -> None:
         raise ParamsError(f"model.quantize: {m.quantize} cannot be combined with {other} (bitsandbytes' quantisation "
                           "state does not move with swapped or sharded blocks); use fp8 with it, or drop it: a "
                           f"{m.quantize} DiT needs a quarter to half of the bf16 memory")
+    try:
+        network_options(t, VARIANTS[p.model.model_version])
+    except NetworkConfigError as e:
+        raise ParamsError(str(e)) from None
     if p.model.blocks_to_swap < 0 or p.model.blocks_to_swap > VARIANTS[p.model.model_version].max_blocks_to_swap:
         raise ParamsError(f"model.blocks_to_swap: {p.model.blocks_to_swap} is outside 0.."
                           f"{VARIANTS[p.model.model_version].max_blocks_to_swap} for {p.model.model_version}")
@@ -307,6 +320,15 @@ def check_semantics(p: Params) -> None:
                        ("train.max_bad_steps", t.max_bad_steps)):
         if value < 1:
             raise ParamsError(f"{key}: must be at least 1, got {value}")
+    for key, value in (("train.save_every_n_epochs", t.save_every_n_epochs),
+                       ("train.sample_every_n_epochs", t.sample_every_n_epochs)):
+        if value < 0:
+            raise ParamsError(f"{key}: must be 0 (off) or a number of epochs, got {value}")
+    if t.sample_every_n_epochs and not t.sample_prompts:
+        raise ParamsError(f"train.sample_every_n_epochs: {t.sample_every_n_epochs}, but train.sample_prompts is not "
+                          "set; name a prompt file there, or set 0")
+    if t.ema_decay is not None and not 0.0 <= t.ema_decay < 1.0:
+        raise ParamsError(f"train.ema_decay: must be in (0, 1), e.g. 0.999 (null or 0: no EMA), got {t.ema_decay}")
     if t.max_train_steps is None and t.max_train_epochs is None:
         raise ParamsError("train.max_train_steps: set it or train.max_train_epochs")
     for key, value in (("train.caption_dropout_rate", t.caption_dropout_rate),
@@ -316,7 +338,8 @@ def check_semantics(p: Params) -> None:
             raise ParamsError(f"{key}: must be in [0, 1), got {value}")
     if not all(0.0 < x < 1.0 for x in p.eval.timesteps):
         raise ParamsError(f"eval.timesteps: each must be in (0, 1), got {p.eval.timesteps}")
-    if len(p.eval.image_size) != 2 or any(s % 16 or s <= 0 for s in p.eval.image_size):
+    if p.eval.image_size is not None and (len(p.eval.image_size) != 2
+                                          or any(s % 16 or s <= 0 for s in p.eval.image_size)):
         raise ParamsError(f"eval.image_size: [height, width], multiples of 16, got {p.eval.image_size}")
     for i, s in enumerate(p.dataset.sources):
         key = f"dataset.sources[{i}]"
@@ -342,6 +365,9 @@ def check_model_paths(p: Params, base: Path, source: str) -> None:
             raise ParamsError(f"{source}: model.{key}: {value} does not exist")
     if p.dataset.toml and not (base / p.dataset.toml).is_file():
         raise ParamsError(f"{source}: dataset.toml: {p.dataset.toml} does not exist")
+    if p.train.network_weights and not (base / p.train.network_weights).is_file():
+        raise ParamsError(f"{source}: train.network_weights: {p.train.network_weights} does not exist (a LoRA "
+                          "file to start from, or null)")
     config = base / m.text_encoder / "config.json"
     if config.is_file():
         import json

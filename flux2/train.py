@@ -4,7 +4,9 @@ Flow matching on cached latents and text embeddings: x_t = (1 - t) x0 + t noise,
 noise - x0, MSE. Reads the caches only (no text encoder in memory). Checkpoints every `save_every_n_steps` and
 resumes from the last good one; every random draw is a function of (seed, step), so a resumed run ends with the
 same LoRA as an uninterrupted one. Several processes (`accelerate launch`) average their LoRA gradients, so two
-processes with batch B equal one process with batch 2B.
+processes with batch B equal one process with batch 2B. `train.network_weights` starts from an existing LoRA
+(flux2/warm_start.py); `train.ema_decay` keeps an EMA of the LoRA (flux2/ema.py), checkpointed with it and saved
+beside it; `save_every_n_epochs` / `sample_every_n_epochs` add per-epoch LoRA files and samples.
 """
 from __future__ import annotations
 
@@ -17,19 +19,24 @@ import resource
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from flux2 import sampling, timesteps
 from flux2.atomic import atomic_write_json, atomic_write_text, remove_temporaries, sha256_file
-from flux2.checkpoint import TrainState, list_checkpoints, load_latest_checkpoint, save_checkpoint
+from flux2.checkpoint import TrainState, list_checkpoints, load_ema_state, load_latest_checkpoint, save_checkpoint
+from flux2.ema import EMA, ema_path
 from flux2.optim import build_optimizer, lr_factor
 from flux2.params import Params, to_flat_dict
 from flux2.train_data import Batch, TrainData, mix_seed
 from flux2.variants import Variant, get_variant
+
+if TYPE_CHECKING:
+    from flux2.warm_start import WarmStart
 
 log = logging.getLogger("flux2.train")
 
@@ -66,12 +73,17 @@ def git_commit(root: Path) -> str:
 
 
 
-def run_fingerprint(p: Params, manifest_sha: str, latents_meta: dict, text_meta: dict, world_size: int) -> str:
-    """What decides the trained weights; checkpoints from a run with another fingerprint are not resumed."""
+def run_fingerprint(p: Params, manifest_sha: str, latents_meta: dict, text_meta: dict, world_size: int,
+                    network_weights_sha: str | None = None) -> str:
+    """What decides the trained weights; checkpoints from a run with another fingerprint are not resumed. A warm
+    start counts by the content of its file (`network_weights_sha`), not by its path."""
     t = asdict(p.train)
-    for k in ("sample_prompts", "sample_every_n_steps", "save_every_n_steps", "log_every_n_steps", "output_dir",
-              "output_name", "checkpoint_dir", "max_bad_steps"):
+    for k in ("sample_prompts", "sample_every_n_steps", "sample_every_n_epochs", "save_every_n_steps",
+              "save_every_n_epochs", "log_every_n_steps", "output_dir", "output_name", "checkpoint_dir",
+              "max_bad_steps"):
         t.pop(k)
+    t["network_weights"] = network_weights_sha
+    t["ema_decay"] = t["ema_decay"] or None  # 0 and null both mean no EMA
     if p.train.lr_scheduler in ("constant", "constant_with_warmup"):
         # The run length changes nothing already trained: a longer run continues from the last checkpoint.
         t.pop("max_train_steps")
@@ -161,6 +173,9 @@ class Training:
     optimizer: torch.optim.Optimizer
     ckpt_dir: Path
     warning: str | None
+    warm_start: WarmStart | None = None  # the LoRA file the run started from (train.network_weights)
+    ema: EMA | None = None  # the EMA of the LoRA weights (train.ema_decay)
+    param_groups: list[dict] = field(default_factory=list)  # per-block rates and LoRA+ (lora.param_groups)
 
 
 @dataclass
@@ -203,7 +218,8 @@ def setup(p: Params, base: Path) -> Training:
     from accelerate import PartialState
 
     from flux2.loading import load_dit, resolve_device, resolve_dtype
-    from flux2.lora import create_network
+    from flux2.lora import create_network, param_groups
+    from flux2.network_config import network_options
 
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
@@ -223,7 +239,13 @@ def setup(p: Params, base: Path) -> Training:
     manifest = base / p.dataset.manifest
     data = TrainData(manifest, base / p.cache.latents_dir, base / p.cache.text_dir, variant, t_cfg.batch_size,
                      world, t_cfg.seed, t_cfg.caption_dropout_rate, t_cfg.gradient_accumulation_steps)
-    fingerprint = run_fingerprint(p, sha256_file(manifest), data.latents.meta, data.text.meta, world)
+    warm = None
+    if t_cfg.network_weights:
+        from flux2.warm_start import read_network_weights
+
+        warm = read_network_weights(base / t_cfg.network_weights)  # checked before the DiT loads
+    fingerprint = run_fingerprint(p, sha256_file(manifest), data.latents.meta, data.text.meta, world,
+                                  warm.sha256 if warm else None)
     steps_total = total_steps(p, data)
 
     on_cpu_first = p.model.blocks_to_swap or t_cfg.fsdp
@@ -239,18 +261,31 @@ def setup(p: Params, base: Path) -> Training:
 
         enable_block_swap(dit, p.model.blocks_to_swap, device)
     torch.manual_seed(t_cfg.seed)  # the LoRA's initial weights
+    options = network_options(t_cfg, variant)
     network = create_network(dit, t_cfg.network_dim, t_cfg.network_alpha, t_cfg.include_patterns,
                              t_cfg.exclude_patterns, t_cfg.network_dropout, t_cfg.rank_dropout,
-                             t_cfg.module_dropout).to(device)
+                             t_cfg.module_dropout, options=options).to(device)
+    if warm is not None:
+        from flux2.warm_start import load_network_weights
+
+        fresh = load_network_weights(network, dit, warm)
+        network.to(device)
+        if main:
+            print(f"starting from {warm.describe()}; {fresh} module(s) it lacks start fresh")
     network.apply_to(dit)
     params = [q for q in network.parameters() if q.requires_grad]
-    optimizer = build_optimizer(params, t_cfg.optimizer_type, t_cfg.learning_rate, t_cfg.optimizer_args)
+    groups = param_groups(network, t_cfg.learning_rate, options)
+    optimizer = build_optimizer(groups, t_cfg.optimizer_type, t_cfg.learning_rate, t_cfg.optimizer_args)
+    ema = EMA(network, t_cfg.ema_decay) if t_cfg.ema_decay else None
     if main:
-        print(f"training {len(network.lora_modules)} LoRA modules (rank {t_cfg.network_dim}, alpha "
-              f"{t_cfg.network_alpha:g}, scale {t_cfg.network_alpha / t_cfg.network_dim:g}) on {len(data.items)} "
-              f"items, {steps_total} steps, {world} process(es), device {device}")
+        print(f"training {len(network.lora_modules)} {options.network_type} modules, "
+              f"{sum(q.numel() for q in params):,} parameters (rank {t_cfg.network_dim}, alpha "
+              f"{t_cfg.network_alpha:g}, scale {t_cfg.network_alpha / t_cfg.network_dim:g}"
+              f"{f', {len(groups)} learning rates' if len(groups) > 1 else ''}) on {len(data.items)} items, "
+              f"{steps_total} steps ({steps_total / data.batches_per_epoch:g} epochs), {world} process(es), "
+              f"device {device}" + (f"; EMA decay {ema.decay:g} ({ema.nbytes / 2**20:.1f} MiB)" if ema else ""))
     return Training(p, base, variant, device, dtype, rank, world, main, data, manifest, fingerprint, steps_total,
-                    dit, network, params, optimizer, base / t_cfg.checkpoint_dir, warning)
+                    dit, network, params, optimizer, base / t_cfg.checkpoint_dir, warning, warm, ema, groups)
 
 
 def resume(tr: Training) -> Progress:
@@ -265,11 +300,18 @@ def resume(tr: Training) -> Progress:
             print(f"checkpoints in {ckpt_dir} belong to another configuration; starting from step 0")
             for old in list_checkpoints(ckpt_dir):
                 shutil.rmtree(old, ignore_errors=True)
-        tr.optimizer = build_optimizer(tr.params, t_cfg.optimizer_type, t_cfg.learning_rate, t_cfg.optimizer_args)
+        tr.optimizer = build_optimizer(tr.param_groups, t_cfg.optimizer_type, t_cfg.learning_rate,
+                                       t_cfg.optimizer_args)
         resumed = None
     if resumed is not None:
         train_state, lora_sd = resumed
         tr.network.load_weights(lora_sd)
+        if tr.ema is not None:
+            ema_state = load_ema_state(ckpt_dir, train_state)
+            if ema_state is None:
+                raise TrainingError(f"{ckpt_dir}/step-{train_state.step:08d} holds no EMA state although "
+                                    "train.ema_decay is set; move that checkpoint folder away to start over")
+            tr.ema.load_state_dict(ema_state)
         if main:
             print(f"resuming from {ckpt_dir}/step-{train_state.step:08d}")
 
@@ -281,13 +323,17 @@ def resume(tr: Training) -> Progress:
         if resumed is not None:
             run.client.update_run(run.run_id, status="RUNNING")  # it failed or was killed before
         if resumed is None:
-            run.log_params(to_flat_dict(p))
+            run.log_params({**to_flat_dict(p), "network.type": tr.network.network_type,
+                            "network.modules": len(tr.network.lora_modules),
+                            "network.parameters": sum(q.numel() for q in tr.params)})
             tags = {"flux2.variant": tr.variant.name, "flux2.commit": git_commit(tr.base),
                     "flux2.manifest_sha256": sha256_file(tr.manifest), "flux2.fingerprint": tr.fingerprint}
             if os.environ.get("DVC_EXP_NAME"):
                 tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
             if tr.warning:
                 tags["flux2.warning"] = tr.warning
+            if tr.warm_start is not None:
+                tags.update(tr.warm_start.tags())
             run.set_tags(tags)
 
     history_path = tr.base / "plots" / "train_loss.csv"
@@ -304,7 +350,7 @@ def train_step(tr: Training, prog: Progress) -> None:
     lr = t_cfg.learning_rate * lr_factor(step, t_cfg.lr_scheduler, tr.steps_total, t_cfg.lr_warmup_steps,
                                          t_cfg.lr_scheduler_num_cycles, t_cfg.lr_scheduler_power)
     for group in tr.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # per-block rates, LoRA+
     prog.lr = lr
     loss_sum = 0.0
     for micro in range(t_cfg.gradient_accumulation_steps):
@@ -336,6 +382,8 @@ def train_step(tr: Training, prog: Progress) -> None:
     prog.consecutive_bad = 0
     tr.optimizer.step()
     tr.optimizer.zero_grad(set_to_none=True)
+    if tr.ema is not None:
+        tr.ema.update(tr.network)
     state.step += 1
     prog.loss_value = loss_sum
     elapsed = time.perf_counter() - start
@@ -345,10 +393,21 @@ def train_step(tr: Training, prog: Progress) -> None:
         prog.history.append((state.step, loss_sum, lr))
         if state.step % t_cfg.log_every_n_steps == 0:
             prog.run.log_metrics(metrics, state.step)
-    if t_cfg.save_every_n_steps and state.step % t_cfg.save_every_n_steps == 0 and state.step < tr.steps_total:
+    if state.step == tr.steps_total:
+        return  # finish() writes the LoRA, the last checkpoint and the samples
+    # The epoch this step completed (0 inside an epoch); epochs are batches_per_epoch optimizer steps.
+    epoch_done = state.step // tr.data.batches_per_epoch if state.step % tr.data.batches_per_epoch == 0 else 0
+    if tr.main and _every(t_cfg.save_every_n_epochs, epoch_done):
+        _save_loras(tr, tr.base / t_cfg.output_dir / f"{t_cfg.output_name}-{epoch_done:06d}.safetensors", state)
+    if _every(t_cfg.save_every_n_steps, state.step):
         _checkpoint(tr, prog, prog.run)
-    if t_cfg.sample_every_n_steps and state.step % t_cfg.sample_every_n_steps == 0 and tr.main:
+    if tr.main and (_every(t_cfg.sample_every_n_steps, state.step) or _every(t_cfg.sample_every_n_epochs, epoch_done)):
         _samples(p, tr.base, tr.variant, tr.dit, tr.device, tr.dtype, state.step, prog.run)
+
+
+def _every(n: int, count: int) -> bool:
+    """Whether a cadence of every `n` (0: off) falls on `count` (steps or epochs done; 0: none yet)."""
+    return bool(n) and count > 0 and count % n == 0
 
 
 def finish(tr: Training, prog: Progress) -> TrainResult:
@@ -360,20 +419,17 @@ def finish(tr: Training, prog: Progress) -> TrainResult:
     if tr.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_temporaries(out_dir)  # of a LoRA write that a killed run left
-        meta = {"ss_training_comment": "flux2", "ss_steps": str(state.step), "ss_seed": str(t_cfg.seed),
-                "ss_learning_rate": str(t_cfg.learning_rate), "ss_optimizer": t_cfg.optimizer_type,
-                "ss_timestep_sampling": t_cfg.timestep_sampling, "ss_weighting_scheme": t_cfg.weighting_scheme,
-                "ss_guidance_scale": str(t_cfg.guidance), "ss_mixed_precision": t_cfg.mixed_precision,
-                "ss_num_train_items": str(len(tr.data.items)), "flux2.manifest_sha256": sha256_file(tr.manifest),
-                "flux2.commit": git_commit(tr.base), "flux2.params": json.dumps(asdict(t_cfg), default=str)}
-        tr.network.save(lora_path, meta)
+        written = _save_loras(tr, lora_path, state)
         _checkpoint(tr, prog, None)
         if t_cfg.sample_prompts:
             _samples(p, tr.base, tr.variant, tr.dit, tr.device, tr.dtype, state.step, run)
         summary = {"steps": state.step, "final_loss": prog.loss_value, "bad_steps": state.bad_steps,
                    "mlflow_run_id": run.run_id, "lora": str(lora_path)}
+        if tr.ema is not None:
+            summary["lora_ema"] = str(ema_path(lora_path))
         atomic_write_json(tr.base / "metrics" / "train.json", summary)
-        run.log_artifact(lora_path, "lora")
+        for path in written:
+            run.log_artifact(path, "lora")
         for extra in (tr.base / "params.yaml", tr.base / "dvc.lock"):
             if extra.is_file():
                 run.log_artifact(extra)
@@ -381,6 +437,28 @@ def finish(tr: Training, prog: Progress) -> TrainResult:
         print(f"wrote {lora_path} after {state.step} steps (final loss {prog.loss_value:.4f}); "
               f"MLflow run {run.run_id}")
     return TrainResult(lora_path, state.step, prog.loss_value, state.bad_steps, run.run_id if run else None)
+
+
+def _save_loras(tr: Training, path: Path, state: TrainState) -> list[Path]:
+    """The LoRA as it is now at `path` (kohya form with the training's metadata) and, with an EMA, its averaged
+    weights beside it (`<stem>_ema.safetensors`, the same form and metadata); returns the files written."""
+    t_cfg = tr.p.train
+    meta = {"ss_training_comment": "flux2", "ss_steps": str(state.step), "ss_seed": str(t_cfg.seed),
+            "ss_epoch": str(state.step // tr.data.batches_per_epoch),
+            "ss_learning_rate": str(t_cfg.learning_rate), "ss_optimizer": t_cfg.optimizer_type,
+            "ss_timestep_sampling": t_cfg.timestep_sampling, "ss_weighting_scheme": t_cfg.weighting_scheme,
+            "ss_guidance_scale": str(t_cfg.guidance), "ss_mixed_precision": t_cfg.mixed_precision,
+            "ss_num_train_items": str(len(tr.data.items)), "flux2.manifest_sha256": sha256_file(tr.manifest),
+            "flux2.commit": git_commit(tr.base), "flux2.params": json.dumps(asdict(t_cfg), default=str)}
+    if tr.warm_start is not None:
+        meta.update(tr.warm_start.tags())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tr.network.save(path, meta)
+    if tr.ema is None:
+        return [path]
+    with tr.ema.applied(tr.network):
+        tr.network.save(ema_path(path), {**meta, "flux2.ema_decay": str(tr.ema.decay)})
+    return [path, ema_path(path)]
 
 
 def _mean_over_processes(value: float, device: torch.device) -> float:
@@ -412,7 +490,8 @@ def _checkpoint(tr: Training, prog: Progress, run) -> None:
                       "step,loss,lr\n" + "".join(f"{s},{l!r},{r!r}\n" for s, l, r in prog.history))
     if run is not None:
         run.flush()
-    save_checkpoint(tr.ckpt_dir, prog.state, tr.network.state_dict(), tr.optimizer)
+    save_checkpoint(tr.ckpt_dir, prog.state, tr.network.state_dict(), tr.optimizer,
+                    ema=tr.ema.state_dict() if tr.ema is not None else None)
 
 
 def _samples(p: Params, base: Path, variant: Variant, dit: torch.nn.Module, device: torch.device,
@@ -437,7 +516,8 @@ def _samples(p: Params, base: Path, variant: Variant, dit: torch.nn.Module, devi
     dit.eval()
     try:
         for i, sp in enumerate(prompts):
-            g = variant.default_guidance if sp.guidance is None else sp.guidance
+            s = variant.sample_settings(sp.height, sp.width, sp.steps, sp.guidance)
+            g = s.guidance
             cfg = use_cfg(variant, g)
             neg = sp.negative_prompt or ""
             for text_needed in [sp.prompt] + ([neg] if cfg else []):
@@ -453,14 +533,14 @@ def _samples(p: Params, base: Path, variant: Variant, dit: torch.nn.Module, devi
                     refs = [ae.encode(x.to(device)) for x in prepare_control_images(
                         [str(base / c) for c in sp.control_images], False, variant.ae.downscale)]
                 cond.ref_tokens, cond.ref_ids = sampling.reference_tokens(refs)
-            h, w = sp.height or 256, sp.width or 256
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.train.mixed_precision == "bf16"):
-                latents = sample_latents(dit, variant, cond, h, w, sp.seed if sp.seed is not None else 42,
-                                         sp.steps or 20, sp.flow_shift, device, progress=False)
+                latents = sample_latents(dit, variant, cond, s.height, s.width, sp.seed if sp.seed is not None else 42,
+                                         s.steps, sp.flow_shift, device, progress=False)
             with torch.no_grad():
                 (im,) = to_pil(ae.decode(latents.float()))
             path = out_dir / f"{p.train.output_name}_{step:06d}_{i:02d}.png"
-            save_png(im, path, {"prompt": sp.prompt, "step": str(step)})
+            save_png(im, path, {"prompt": sp.prompt, "step": str(step), "height": str(s.height),
+                                "width": str(s.width), "infer_steps": str(s.steps), "guidance_scale": f"{g:g}"})
             if run is not None:
                 run.log_artifact(path, "samples")
     finally:

@@ -48,6 +48,16 @@ class TextEncoderConfig:
 
 
 @dataclass(frozen=True)
+class SampleSettings:
+    """Size, steps and guidance of one sample: what was asked for, the variant's defaults for the rest."""
+
+    height: int
+    width: int
+    steps: int
+    guidance: float  # true-CFG scale (base variants), dev's embedded guidance; distilled klein ignore it
+
+
+@dataclass(frozen=True)
 class Variant:
     """Everything that differs between FLUX.2 variants."""
 
@@ -65,7 +75,7 @@ class Variant:
     text_encoder: str  # "mistral3" | "qwen3"
     text_layers: tuple[int, ...]
     max_text_tokens: int
-    default_steps: int
+    default_steps: int  # sampling defaults: training samples, evaluate and generate all take them from here
     default_guidance: float
     arch: str  # family id shared by a distilled model and its base (same weights shape, same caches)
     max_blocks_to_swap: int
@@ -73,6 +83,7 @@ class Variant:
     time_dim: int = 256
     text: TextEncoderConfig = TextEncoderConfig("qwen3", 0, 0)
     ae: AutoEncoderConfig = AutoEncoderConfig()
+    sample_size: tuple[int, int] = (1024, 1024)  # (height, width) of samples when none is asked for
 
     @property
     def head_dim(self) -> int:
@@ -86,6 +97,13 @@ class Variant:
     def is_base(self) -> bool:
         """Base (non-distilled) variants are the ones to train."""
         return not self.guidance_distilled
+
+    def sample_settings(self, height: int | None = None, width: int | None = None, steps: int | None = None,
+                        guidance: float | None = None) -> SampleSettings:
+        """The given values, this variant's defaults for those left None: the one rule that samples during
+        training, the evaluate stage and `flux2 generate` share."""
+        return SampleSettings(height or self.sample_size[0], width or self.sample_size[1],
+                              steps or self.default_steps, self.default_guidance if guidance is None else guidance)
 
 
 _DEV = dict(hidden_size=6144, num_heads=48, depth=8, depth_single_blocks=48, context_in_dim=15360,
@@ -117,6 +135,7 @@ VARIANTS: dict[str, Variant] = {
         text=TextEncoderConfig("qwen3", 64, 3, num_heads=4, num_kv_heads=2, intermediate_size=128,
                                vocab_size=512),
         ae=AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
+        sample_size=(128, 128),  # the size the tiny DiT was trained at (demo/params.yaml resolution)
     ),
 }
 

@@ -105,13 +105,19 @@ def test_new_network_is_identity_and_trainable():
     assert not any(p.grad is not None for p in dit.parameters() if not p.requires_grad)
 
 
-def test_dropouts_only_in_training():
+@pytest.mark.parametrize("kind", ["lora", "lokr", "loha"])
+def test_dropouts_only_in_training(kind):
+    from flux2.lycoris import LoHaModule, LoKrModule
+
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 8, bias=False)
     x = torch.randn(4, 5, 16)
     plain = base(x).detach()
-    lora = LoRAModule("img_in", 16, 8, rank=4, alpha=4.0, dropout=0.3, rank_dropout=0.5, module_dropout=0.5)
-    torch.nn.init.normal_(lora.lora_up.weight)
+    dropouts = dict(rank_dropout=0.5, module_dropout=0.5)
+    lora = {"lora": lambda: LoRAModule("img_in", 16, 8, rank=4, alpha=4.0, dropout=0.3, **dropouts),
+            "lokr": lambda: LoKrModule("img_in", 16, 8, rank=1, alpha=1.0, **dropouts),
+            "loha": lambda: LoHaModule("img_in", 16, 8, rank=2, alpha=2.0, **dropouts)}[kind]()
+    torch.nn.init.normal_(lora.up_parameters()[0])  # non-zero, so the update shows (LoKr/LoHa: output channels)
     lora.attach(base)
     lora.eval()
     full = base(x).detach()
@@ -318,8 +324,10 @@ def test_unknown_and_unsupported_layouts(tmp_path):
     dit = random_dit()
     for tensors, pattern in [
         ({"foo.weight": torch.zeros(2, 2)}, "not a FLUX.2 DiT LoRA in a known layout.*foo.weight"),
-        ({"lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": torch.zeros(2, 2)}, "LoKr.*not support"),
-        ({"lora_unet_double_blocks_0_img_attn_qkv.hada_w1_a": torch.zeros(2, 2)}, "LoHa.*not support"),
+        ({"lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": torch.zeros(2, 2)}, "needs either lokr_w2 or both"),
+        ({"lora_unet_double_blocks_0_img_attn_qkv.hada_w1_a": torch.zeros(2, 2)}, "lacks hada_w1_b.*incomplete"),
+        ({"lora_unet_double_blocks_0_img_attn_qkv.lokr_t2": torch.zeros(2, 2, 3, 3)}, "Tucker.*not support"),
+        ({"lora_unet_img_in.dora_scale": torch.zeros(2, 1)}, "DoRA.*not support"),
         ({"lora_unet_input_blocks_0_proj.lora_down.weight": torch.zeros(2, 2)}, "Stable Diffusion LoRA"),
         ({"lora_unet_double_blocks_0_img_mod_lin.lora_down.weight": torch.zeros(2, 2)}, "FLUX.1 LoRA"),
     ]:

@@ -212,7 +212,8 @@ def test_broken_files(tmp_path):
         ({"lora_unet_img_in.lora_down.weight": torch.zeros(2, 128)}, "no up"),
         ({"lora_unet_img_in.lora_down.weight": torch.zeros(2, 128), "lora_unet_img_in.lora_up.weight":
           torch.zeros(128, 3)}, "one rank"),
-        ({"lora_unet_img_in.lora_mid.weight": torch.zeros(2, 2)}, "unknown suffix"),
+        ({"lora_unet_img_in.lora_mid.weight": torch.zeros(2, 2)}, "Tucker-decomposed.*LoCon.*not support"),
+        ({"lora_unet_img_in.lora_middle.weight": torch.zeros(2, 2)}, "unknown suffix"),
         ({"transformer.x_embedder.lora_A.weight": torch.zeros(2, 128), "transformer.x_embedder.lora_B.weight":
           torch.zeros(128, 2), "transformer.ff.linear_in.lora_A.weight": torch.zeros(2, 2)}, "name no Linear"),
         ({f"diffusion_model.{name}.lora_{ab}.weight": torch.zeros(shape) for name in ("img_in", "x_embedder")

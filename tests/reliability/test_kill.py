@@ -75,6 +75,17 @@ def test_killed_cache_stage_reruns_to_the_uninterrupted_cache(project, reference
         assert report["recovered"] >= 1, report
 
 
+def test_a_kill_inside_safetensors_own_write_leaves_nothing_after_the_rerun(project, tmp_path):
+    """safetensors' save_file writes through its own `.tmpXXXXXX` before our rename: a kill in that window (too
+    short to hit by timing, seen under load) leaves that file, and the rerun must remove it with ours."""
+    folder = copy_project(project, tmp_path / "p")
+    assert main(["cache-text", "--params", str(folder / "params.yaml")]) == 0
+    stray = folder / "cache" / "text" / SHARD_DIR / ".tmpQw3rTy"
+    stray.write_bytes(b"half a shard")
+    assert main(["cache-text", "--params", str(folder / "params.yaml")]) == 0
+    assert not leftovers(folder / "cache" / "text"), leftovers(folder / "cache" / "text")
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 TRAIN = ["--max_train_steps", "12", "--save_every_n_steps", "2"]
