@@ -367,3 +367,16 @@ def test_cache_text_with_a_quantised_text_encoder(cached_pipeline, tmp_path):
     assert report["encoded"] == report["entries"] > 0 and report["reused"] == 0
     shards = sorted((folder / "cache" / "text").rglob("*.safetensors"))
     assert any(TensorFile(s).metadata.get("quantize") == "int8" for s in shards)
+
+
+def test_params_quantize_keys_are_validated():
+    from flux2.params import ParamsError, parse_params
+
+    base = {"dataset": {"sources": [{"image_directory": "ds"}]}}
+    assert parse_params({**base, "model": {"quantize": "nf4", "text_encoder_quantize": "int8"}}).model.quantize == "nf4"
+    for model, message in (({"quantize": "nf5"}, r"model.quantize: 'nf5' is not one of none, fp8, nf4, int8"),
+                           ({"quantize": "int8", "fp8_base": True}, "both quantise the DiT"),
+                           ({"text_encoder_quantize": "nf4", "fp8_text_encoder": True}, "both quantise the text"),
+                           ({"quantize": "nf4", "blocks_to_swap": 2}, "cannot be combined with model.blocks_to_swap")):
+        with pytest.raises(ParamsError, match=message):
+            parse_params({**base, "model": model})
