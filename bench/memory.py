@@ -439,10 +439,11 @@ def run_worker(kind: str, path: Path, variant: str, switch: str, rank: int, step
 
 
 def rehearse(names: list[str], switches: list[str], workdir: Path, rank: int, keep: bool, step: bool = True,
-             timeout: int = 3600, isolate: bool = True) -> list[dict]:
+             timeout: int = 3600, isolate: bool = True, step_switches: list[str] | None = None) -> list[dict]:
     """Full-size rehearsals (see the module docstring); names are variants ('klein-base-4b') or encoders
     ('qwen3-4b' = the text encoder of klein-base-4b, 'qwen3-8b' of klein-base-9b). isolate=False runs the
-    workers in this process (the tests' tiny rehearsal: its peak RSS is then this process's)."""
+    workers in this process (the tests' tiny rehearsal: its peak RSS is then this process's). `step_switches`
+    limits the DiT training step to those switches (default: every one, when `step`)."""
     from flux2.variants import VARIANTS
 
     encoders = {"qwen3-4b": "klein-base-4b", "qwen3-8b": "klein-base-9b", "qwen3-tiny": "tiny"}
@@ -474,10 +475,11 @@ def rehearse(names: list[str], switches: list[str], workdir: Path, rank: int, ke
                                       f"MemAvailable is {free / GIB:.1f} GiB")
                 else:
                     kind = "te" if part == "text_encoder" else "dit"
+                    step_here = step and (step_switches is None or switch in step_switches)
                     if isolate:
-                        row.update(run_worker(kind, target, variant.name, switch, rank, step, timeout))
+                        row.update(run_worker(kind, target, variant.name, switch, rank, step_here, timeout))
                     elif kind == "dit":
-                        row.update(worker_dit(target, variant.name, switch, rank, step))
+                        row.update(worker_dit(target, variant.name, switch, rank, step_here))
                     else:
                         row.update(worker_text_encoder(target, variant.name, switch))
                     if "peak" in row:
@@ -634,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="/var/tmp/flux2-rehearse", help="where the random weight files go")
     p.add_argument("--keep", action="store_true", help="keep the random weight files")
     p.add_argument("--no_step", action="store_true", help="rehearse loading only (no LoRA training step)")
+    p.add_argument("--step_modes", nargs="*", default=None, choices=DIT_MODES,
+                   help="switches whose DiT rehearsal includes the training step (default: all)")
     p.add_argument("--gpu", action="store_true", help="the GPU targets (CUDA only; skipped elsewhere)")
     p.add_argument("--gpu_variants", nargs="*", default=list(GPU_TARGETS), help="variants of --gpu")
     p.add_argument("--res", type=int, default=1024, help="resolution of --gpu")
@@ -658,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                   args.rank)}
     elif args.rehearse is not None:
         out["rehearsals"] = rehearse(args.rehearse, args.modes, Path(args.workdir), args.rank, args.keep,
-                                     not args.no_step)
+                                     not args.no_step, step_switches=args.step_modes)
     else:
         rows = table(args.rank)
         out["table"] = rows
