@@ -290,10 +290,11 @@ def test_nf4_training_loss_falls_and_lora_is_the_usual_file(pipeline):
     """The tiny default trained on an NF4 base: the loss falls as on the plain base (test_train's criterion), and
     the LoRA file has the same kohya keys, shapes and float32 dtype as one trained without quantisation."""
     params = str(pipeline / "params.yaml")
-    assert main(["train", "--params", params, "--quantize", "nf4", "--max_train_steps", "100",
-                 "--save_every_n_steps", "0", "--learning_rate", "0.003"]) == 0
+    assert main(["train", "--params", params, "--quantize", "nf4", "--max_train_steps", "50",
+                 "--save_every_n_steps", "0", "--learning_rate", "0.006", "--log_every_n_steps", "50"]) == 0
     losses = [float(line.split(",")[1]) for line in (pipeline / "plots" / "train_loss.csv").read_text().splitlines()[1:]]
-    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    print("MEASURE", first, last)
     assert last < 0.9 * first, (first, last)  # measured: 1.37 -> 1.12 (the plain base: 1.33 -> 1.03 in 200 steps)
     qlora = load_file(pipeline / "outputs" / "lora" / "lora.safetensors")
     assert all(k.startswith("lora_unet_") for k in qlora) and {v.dtype for v in qlora.values()} == {torch.float32}
