@@ -44,9 +44,10 @@ class TextConfig:
     tokenizer: Path | None = None
     eval_prompts: list[str] = field(default_factory=list)
     sample_prompts: Path | None = None
-    dtype: str = "auto"  # the encoder's compute dtype: auto = bfloat16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # the encoder's compute dtype: auto = bfloat16 (flux2.loading.resolve_dtype)
     text_dtype: str = "bfloat16"  # stored
     fp8_text_encoder: bool = False
+    text_encoder_quantize: str = "none"  # none | fp8 | nf4 | int8
     batch_size: int = 8
     shard_mb: int = 256
     device: str = "auto"
@@ -56,15 +57,13 @@ class TextConfig:
 
 
 def text_identity(text_encoder: str | Path, variant: Variant, tokenizer: str | Path | None, dtype: torch.dtype,
-                  fp8: bool) -> dict[str, str]:
+                  fp8: bool, quantize: str = "none") -> dict[str, str]:
     """What `load_text_encoder(...).identity()` will return, computed from the files without loading the model,
     so a rerun with nothing new never loads the text encoder."""
-    from flux2.text_encoder import TEMPLATE_VERSION
+    from flux2.text_encoder import encoder_identity, text_encoder_quantize_mode
 
-    return {"text_encoder": variant.text_encoder, "fingerprint": text_fingerprint(text_encoder, tokenizer),
-            "text_layers": ",".join(map(str, variant.text_layers)), "max_text_tokens": str(variant.max_text_tokens),
-            "template_version": TEMPLATE_VERSION, "dtype": str(dtype).removeprefix("torch."),
-            "fp8": str(fp8).lower()}
+    return encoder_identity(variant.text_encoder, text_fingerprint(text_encoder, tokenizer), variant, dtype,
+                            text_encoder_quantize_mode(fp8, quantize))
 
 
 def text_fingerprint(text_encoder: str | Path, tokenizer: str | Path | None = None) -> str:
@@ -87,7 +86,8 @@ def text_meta(variant: Variant, identity: dict[str, str], stored_dtype: str) -> 
             "text_fingerprint": identity["fingerprint"], "text_layers": identity["text_layers"],
             "context_dim": str(variant.context_in_dim), "max_text_tokens": identity["max_text_tokens"],
             "template_version": identity["template_version"], "encoder_dtype": identity["dtype"],
-            "fp8": identity["fp8"], "dtype": stored_dtype}
+            "fp8": identity["fp8"], "dtype": stored_dtype,
+            **({"quantize": identity["quantize"]} if "quantize" in identity else {})}
 
 
 def collect_prompts(captions: list[str], eval_prompts: list[str] = (), sample_prompts: str | Path | None = None
@@ -124,8 +124,9 @@ def cache_text(cfg: TextConfig, dist: Dist | None = None) -> dict[str, Any]:
     if cfg.text_dtype not in DTYPES:
         raise ValueError(f"text_dtype {cfg.text_dtype!r}: use float32 or bfloat16")
     device = process_device(cfg.device, dist)
-    dtype = resolve_dtype(cfg.dtype, device)
-    identity = text_identity(cfg.text_encoder, variant, cfg.tokenizer, dtype, cfg.fp8_text_encoder)
+    dtype = resolve_dtype(cfg.dtype, device, variant)
+    identity = text_identity(cfg.text_encoder, variant, cfg.tokenizer, dtype, cfg.fp8_text_encoder,
+                             cfg.text_encoder_quantize)
     captions = []
     if cfg.manifest is not None:
         from flux2.ingest import read_manifest
@@ -141,7 +142,7 @@ def cache_text(cfg: TextConfig, dist: Dist | None = None) -> dict[str, Any]:
     def prepare() -> None:
         nonlocal encoder
         encoder = load_text_encoder(cfg.text_encoder, variant, tokenizer=cfg.tokenizer, device=device, dtype=dtype,
-                                    fp8=cfg.fp8_text_encoder)
+                                    fp8=cfg.fp8_text_encoder, quantize=cfg.text_encoder_quantize)
         if encoder.identity() != identity:
             raise RuntimeError(f"the loaded text encoder's identity {encoder.identity()} differs from the one "
                                f"computed from its files {identity}; keys would be wrong (a bug)")
@@ -199,6 +200,7 @@ def config_from_args(args: argparse.Namespace) -> TextConfig:
         sample_prompts=Path(sample) if sample else None,
         dtype=args.dtype or model.dtype, text_dtype=args.text_dtype or cache.text_dtype,
         fp8_text_encoder=args.fp8_text_encoder if args.fp8_text_encoder is not None else model.fp8_text_encoder,
+        text_encoder_quantize=args.text_encoder_quantize or model.text_encoder_quantize,
         batch_size=args.batch_size or cache.batch_size, shard_mb=args.shard_mb or cache.shard_mb,
         device=args.device or model.device, store=resolve_store(args.store if args.store is not None else cache.store),
         report=Path(args.report) if args.report else base / "reports" / "cache_text.json")

@@ -8,6 +8,8 @@ import sys
 
 from flux2.variants import VARIANTS
 
+QUANT_CHOICES = ["none", "fp8", "nf4", "int8"]  # flux2.quantize.MODES (not imported here: the CLI starts fast)
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show every option's default in --help."""
@@ -59,6 +61,9 @@ def add_model_args(p: argparse.ArgumentParser, need_dit: bool = True, need_codec
                    + unless)
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: beside the text encoder)")
     p.add_argument("--fp8_text_encoder", action="store_true", help="text encoder Linear weights in fp8")
+    p.add_argument("--text_encoder_quantize", choices=QUANT_CHOICES, default="none",
+                   help="text encoder Linear weights: fp8 (= --fp8_text_encoder), nf4 or int8 (bitsandbytes), "
+                        "quantised as they load")
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -88,9 +93,12 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                         "H100, H200, B200)")
     p.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
                    help="compile the DiT blocks with torch.compile (auto: on CUDA); the first image pays the compile")
+    p.add_argument("--quantize", choices=QUANT_CHOICES, default="none",
+                   help="DiT block Linear weights: fp8 (= --fp8_scaled), nf4 or int8 (bitsandbytes), quantised as "
+                        "they load; LoRAs are then applied as a side path, not merged")
     p.add_argument("--blocks_to_swap", type=int, default=0, help="DiT blocks kept in CPU memory (CUDA only)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                   help="DiT compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+                   help="DiT compute dtype (default: bfloat16; float32 for the tiny variant on CPU)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--save_path", default="outputs", help="output folder")
     p.add_argument("--output_type", choices=["images", "latent", "latent_images"], default="images")
@@ -243,8 +251,12 @@ def add_cache_text(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: beside the text encoder)")
     p.add_argument("--model_version", default=None, help="FLUX.2 variant (default: model.model_version)")
     p.add_argument("--fp8_text_encoder", action="store_true", default=None, help="text encoder Linear weights in fp8")
+    p.add_argument("--text_encoder_quantize", choices=QUANT_CHOICES, default=None,
+                   help="text encoder Linear weights: none, fp8, nf4 or int8 (default: model.text_encoder_quantize, "
+                        "none)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
-                   help="text encoder compute dtype (default: model.dtype; auto = bfloat16 on CUDA, float32 on CPU)")
+                   help="text encoder compute dtype (default: model.dtype; auto = bfloat16, float32 for the tiny "
+                        "variant on CPU)")
     p.add_argument("--text_dtype", choices=["float32", "bfloat16"], default=None,
                    help="stored dtype (default: cache.text_dtype)")
     p.add_argument("--batch_size", type=int, default=None, help="prompts per batch (default: cache.batch_size)")

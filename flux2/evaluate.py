@@ -266,10 +266,11 @@ def run_models(p: Params, base: Path, variant: Variant, lora_path: Path, loss_it
 
     e = p.eval
     device = resolve_device(p.model.device)
-    dtype = resolve_dtype(p.model.dtype, device)
+    dtype = resolve_dtype(p.model.dtype, device, variant)
     settings = variant.sample_settings(steps=e.infer_steps, guidance=e.guidance_scale)
     dit = load_dit(base / p.model.dit, variant, device="cpu" if p.model.blocks_to_swap else device, dtype=dtype,
-                   fp8_scaled=(p.model.fp8_base or p.model.fp8_scaled) and not p.model.fp8_matmul)
+                   fp8_scaled=(p.model.fp8_base or p.model.fp8_scaled) and not p.model.fp8_matmul,
+                   quantize=p.model.quantize)
     if p.model.fp8_matmul:
         from flux2.fp8_matmul import apply_fp8_matmul
 

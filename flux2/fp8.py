@@ -3,6 +3,12 @@
 Each output row is cut into blocks of `block_size` input features; a block stores its fp8 values and one scale
 (max |w| / 448). The forward pass dequantises to the activation dtype and calls F.linear, so it runs anywhere
 torch has float8 dtypes (CPU included). Imports only torch.
+
+Quantising works through a weight a chunk of rows at a time (`CHUNK_ELEMENTS`), so the float32 temporaries are
+those of one chunk (16 MB), never of the whole weight (a dev `linear1` is 1.4 GB in float32); the result is the
+same as quantising the whole weight at once. `frozen_linear` is the matrix product every quantised frozen Linear
+here uses (fp8, and flux2.bnb_linear's NF4 and int8): its backward rebuilds the weight instead of keeping the
+dequantised copy alive until backward, so training holds the quantised weights only.
 """
 from __future__ import annotations
 
@@ -14,20 +20,47 @@ from torch import Tensor, nn
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+CHUNK_ELEMENTS = 1 << 22  # weights quantised per step: float32 temporaries of 16 MB
+
+
+def rows_per_chunk(in_features: int, multiple: int = 64) -> int:
+    """How many rows of an (out, in) weight make one quantisation chunk: about CHUNK_ELEMENTS weights, a multiple
+    of `multiple` rows (so block boundaries of every format here fall on chunk boundaries)."""
+    return max(multiple, CHUNK_ELEMENTS // max(in_features, 1) // multiple * multiple)
+
+
+def _block_size(in_features: int, block_size: int) -> int:
+    return block_size if in_features % block_size == 0 else in_features
+
+
+def quantize_rows_(rows: Tensor, values: Tensor, scale: Tensor) -> None:
+    """Quantise `rows` (r, in) into `values` (r, in) fp8 and `scale` (r, in / block, 1), both written in place;
+    the block size is in / scale.shape[1]. Float32 temporaries are those of `rows` only."""
+    r, in_features = rows.shape
+    blocks = rows.reshape(r, scale.shape[1], -1)
+    # Few passes over the chunk, in its own dtype where exact: max |w| per block (abs and max are exact in bf16),
+    # w / scale in float32, the cast to fp8. The quotient never exceeds 448 (scale = max / 448, rounding stays
+    # below the midpoint to the next fp8 value), so no clamp is needed before the cast.
+    block_scale = blocks.abs().amax(dim=-1, keepdim=True).to(torch.float32).clamp_(min=1e-8).div_(FP8_MAX)
+    values.copy_(torch.div(blocks, block_scale).reshape(r, in_features))
+    scale.copy_(block_scale)
 
 
 def quantize_blockwise(weight: Tensor, block_size: int = 64) -> tuple[Tensor, Tensor]:
     """(out, in) weight -> fp8 values (out, in) and scales (out, in / block, 1) in the weight's dtype.
 
-    When `in` is not a multiple of `block_size`, one scale per row is used instead.
-    """
+    When `in` is not a multiple of `block_size`, one scale per row is used instead. Works a chunk of rows at a
+    time (see the module docstring)."""
     out_features, in_features = weight.shape
-    if in_features % block_size:
-        block_size = in_features
-    blocks = weight.float().reshape(out_features, in_features // block_size, block_size)
-    scale = blocks.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / FP8_MAX
-    values = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).reshape(out_features, in_features)
-    return values, scale.to(weight.dtype if weight.is_floating_point() else torch.float32)
+    block_size = _block_size(in_features, block_size)
+    values = torch.empty((out_features, in_features), dtype=FP8_DTYPE, device=weight.device)
+    scale = torch.empty((out_features, in_features // block_size, 1), device=weight.device,
+                        dtype=weight.dtype if weight.is_floating_point() else torch.float32)
+    step = rows_per_chunk(in_features, 1)
+    for start in range(0, out_features, step):
+        stop = min(start + step, out_features)
+        quantize_rows_(weight[start:stop], values[start:stop], scale[start:stop])
+    return values, scale
 
 
 def dequantize_blockwise(values: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -37,26 +70,96 @@ def dequantize_blockwise(values: Tensor, scale: Tensor, dtype: torch.dtype) -> T
     return (blocks * scale.to(dtype)).reshape(out_features, in_features)
 
 
+class _FrozenLinear(torch.autograd.Function):
+    """y = x W^T + b for a frozen, stored-quantised W: nothing but the shapes is saved for backward, where W is
+    rebuilt to compute the input gradient (W and b get no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dequantize: Callable[[torch.dtype], Tensor], bias: Tensor | None) -> Tensor:
+        ctx.dequantize, ctx.x_dtype = dequantize, x.dtype
+        return F.linear(x, dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (grad @ ctx.dequantize(grad.dtype)).to(ctx.x_dtype), None, None
+
+
+def frozen_linear(x: Tensor, dequantize: Callable[[torch.dtype], Tensor], bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, dequantize(dtype), bias) in the compute dtype (autocast's when it is on, else x's); when x
+    needs a gradient the dequantised weight is not kept for backward but rebuilt there."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return F.linear(x, dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+    with torch.autocast(x.device.type, enabled=False):
+        return _FrozenLinear.apply(x, dequantize, bias)
+
+
 class Fp8Linear(nn.Module):
     """A frozen Linear whose weight is stored block-wise in fp8 (`weight`) with `scale_weight`."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, block_size: int = 64):
         super().__init__()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         values, scale = quantize_blockwise(weight.detach(), block_size)
+        self._store(values, scale, bias)
+
+    @classmethod
+    def from_quantized(cls, values: Tensor, scale: Tensor, bias: Tensor | None = None) -> "Fp8Linear":
+        """An Fp8Linear holding already-quantised values (out, in) and scales (out or 1, in / block, 1), e.g. the
+        weights of a pre-quantised fp8 file, kept exactly."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._store(values, scale, bias)
+        return module
+
+    def _store(self, values: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+        self.out_features, self.in_features = values.shape
         self.weight = nn.Parameter(values, requires_grad=False)
         self.register_buffer("scale_weight", scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
+    @property
+    def block_size(self) -> int:
+        return self.in_features // self.scale_weight.shape[1]
+
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         return dequantize_blockwise(self.weight, self.scale_weight, dtype)
 
+    @torch.no_grad()
+    def set_weight(self, weight: Tensor) -> None:
+        """Store `weight` (out, in, any float dtype) quantised again with this layer's block size."""
+        values, scale = quantize_blockwise(weight.to(self.weight.device, torch.float32), self.block_size)
+        self.weight = nn.Parameter(values, requires_grad=False)
+        self.scale_weight = scale.to(self.scale_weight.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        return frozen_linear(x, self.dequantized_weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 block-wise"
+
+
+class Fp8Builder:
+    """An Fp8Linear built from row chunks of its weight (see flux2.quantize): `add` quantises each as it comes."""
+
+    def __init__(self, out_features: int, in_features: int, dtype: torch.dtype, device: torch.device | str,
+                 block_size: int = 64):
+        block_size = _block_size(in_features, block_size)
+        self.values = torch.empty((out_features, in_features), dtype=FP8_DTYPE, device=device)
+        self.scale = torch.empty((out_features, in_features // block_size, 1), dtype=dtype, device=device)
+
+    def add(self, start: int, rows: Tensor) -> None:
+        stop = start + rows.shape[0]
+        quantize_rows_(rows, self.values[start:stop], self.scale[start:stop])
+
+    def finish(self, bias: Tensor | None = None) -> Fp8Linear:
+        return Fp8Linear.from_quantized(self.values, self.scale, bias)
+
+
+def fp8_bytes(out_features: int, in_features: int, scale_itemsize: int = 2, block_size: int = 64) -> int:
+    """Resident bytes of an Fp8Linear's weight and scales (no bias)."""
+    return out_features * in_features + out_features * (in_features // _block_size(in_features, block_size)) \
+        * scale_itemsize
 
 
 def quantize_linears(model: nn.Module, predicate: Callable[[str, nn.Linear], bool], block_size: int = 64) -> int:

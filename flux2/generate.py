@@ -5,7 +5,8 @@ memory is that of the largest, not the sum. With `from_file`, every model is loa
 
 LoRAs (`lora_weight`, any layout flux2.lora_formats reads, LyCORIS LoKr / LoHa included) are merged into the DiT
 weights once, right after loading, or attached as hooks (`lora_merge=False`); both give the same images. With fp8_scaled the DiT is loaded
-unquantised, merged, then quantised, so each weight is rounded to fp8 once.
+unquantised, merged, then quantised, so each weight is rounded to fp8 once. With --quantize nf4 / int8 the LoRAs
+are attached as hooks (merging would round the update into the 4/8-bit grid).
 """
 from __future__ import annotations
 
@@ -56,8 +57,10 @@ class GenerateOptions:
     fp8_matmul: bool = False  # block Linears in row-wise fp8, multiplied in fp8 (flux2.fp8_matmul)
     compile: bool | str = "auto"  # regional torch.compile of the DiT blocks: auto (on CUDA) | true | false
     fp8_text_encoder: bool = False
+    quantize: str = "none"  # DiT block Linears: none | fp8 (= fp8_scaled) | nf4 | int8
+    text_encoder_quantize: str = "none"  # none | fp8 (= fp8_text_encoder) | nf4 | int8
     blocks_to_swap: int = 0
-    dtype: str | None = None  # "bfloat16" | "float32"; default bf16 on CUDA, fp32 on CPU
+    dtype: str | None = None  # "bfloat16" | "float32"; default bf16 (fp32 for the tiny variant on CPU)
     device: str | None = None
     save_path: str = "outputs"
     output_type: str = "images"  # images | latent | latent_images
@@ -204,7 +207,8 @@ def generate(opts: GenerateOptions) -> list[Path]:
         raise ValueError(f"--output_type {opts.output_type!r}: use images, latent or latent_images")
     check_numbers(opts)
     device = resolve_device(opts.device)
-    dtype = resolve_dtype(opts.dtype, device)
+    dtype = resolve_dtype(opts.dtype, device, variant)
+    check_quantize_options(opts)
     check_lora_files(opts)
     if opts.save_merged_model:
         return [save_merged_dit(opts, variant)]
@@ -254,8 +258,8 @@ def encode_prompts(opts: GenerateOptions, variant: Variant, jobs: list[PromptJob
     from flux2.text_encoder import load_text_encoder
 
     te = load_text_encoder(opts.text_encoder, variant, tokenizer=opts.tokenizer, device=device,
-                           dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                           fp8=opts.fp8_text_encoder)
+                           dtype=resolve_dtype(None, device, variant), fp8=opts.fp8_text_encoder,
+                           quantize=opts.text_encoder_quantize)
     encoded: dict[str, Tensor] = {}
 
     def encode(text: str) -> Tensor:
@@ -325,18 +329,20 @@ def load_dit_for(opts: GenerateOptions, variant: Variant, device: torch.device, 
     from flux2.compile import resolve as resolve_compile
     from flux2.fp8 import quantize_linears
     from flux2.fp8_matmul import apply_fp8_matmul
-    from flux2.loading import load_dit
+    from flux2.loading import dit_quantize_mode, load_dit
     from flux2.params import parse_auto_bool
 
-    merge_then_quantise = bool(opts.lora_weight) and opts.lora_merge and opts.fp8_scaled
+    mode = dit_quantize_mode(opts.fp8_scaled, opts.quantize)
+    merge = opts.lora_merge and mode not in ("nf4", "int8")
+    merge_then_quantise = bool(opts.lora_weight) and merge and mode == "fp8"
     on_cpu = bool(opts.blocks_to_swap) or merge_then_quantise
     dit = load_dit(opts.dit, variant, device="cpu" if on_cpu else device, dtype=dtype,
-                   fp8_scaled=opts.fp8_scaled and not merge_then_quantise and not opts.fp8_matmul)
+                   quantize="none" if merge_then_quantise or opts.fp8_matmul else mode)
     if opts.fp8_matmul and not (opts.lora_weight and opts.lora_merge):
         apply_fp8_matmul(dit, device)  # before LoRA hooks attach to the Linears it replaces
     if opts.lora_weight:
-        networks = _apply_loras(dit, opts, merge=opts.lora_merge)
-        if not opts.lora_merge:
+        networks = _apply_loras(dit, opts, merge=merge)
+        if not merge:
             for network in networks:
                 network.to(device)  # attached updates run where the activations are
     if opts.fp8_matmul and opts.lora_weight and opts.lora_merge:
@@ -356,10 +362,29 @@ def load_dit_for(opts: GenerateOptions, variant: Variant, device: torch.device, 
     return dit
 
 
+def check_quantize_options(opts: GenerateOptions) -> None:
+    """The quantisation options fit together (before any model loads)."""
+    from flux2.loading import dit_quantize_mode
+    from flux2.text_encoder import text_encoder_quantize_mode
+
+    mode = dit_quantize_mode(opts.fp8_scaled, opts.quantize)
+    text_encoder_quantize_mode(opts.fp8_text_encoder, opts.text_encoder_quantize)
+    if opts.fp8_matmul and mode != "none":
+        raise ValueError(f"--fp8_matmul stores the block Linears in an fp8 of its own (row-wise scales), so it cannot "
+                         f"be combined with {'--fp8_scaled' if mode == 'fp8' else f'--quantize {mode}'}; choose one")
+    if mode in ("nf4", "int8") and opts.blocks_to_swap:
+        raise ValueError(f"--quantize {mode} cannot be combined with --blocks_to_swap (bitsandbytes' quantisation "
+                         "state does not move with swapped blocks); use --fp8_scaled with it")
+    if opts.save_merged_model and mode in ("nf4", "int8"):
+        raise ValueError(f"--save_merged_model writes the merged DiT unquantised (a 4/8-bit file would not load in "
+                         f"ComfyUI or diffusers), so --quantize {mode} does nothing here: drop it, and pass it when "
+                         "you load the merged file")
+
 
 def save_merged_dit(opts: GenerateOptions, variant: Variant) -> Path:
     """Load the DiT unquantised on the CPU, merge the LoRAs and write it in the BFL layout, in the file's own
-    dtype (bfloat16 for an fp8 file) unless `opts.dtype` says otherwise."""
+    dtype (bfloat16 for an fp8 file: a pre-quantised file is dequantised, and says so) unless `opts.dtype` says
+    otherwise."""
     from flux2.loading import load_dit, save_dit
     from flux2.safetensors_io import non_finite_keys, tensor_shapes
 
@@ -371,6 +396,9 @@ def save_merged_dit(opts: GenerateOptions, variant: Variant) -> Path:
             counts[dt] = counts.get(dt, 0) + math.prod(shape)
         dtype = max(counts, key=counts.get)
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            print(f"{opts.dit} stores its weights in {str(dtype).removeprefix('torch.')}: they are dequantised to "
+                  "bfloat16 for the merge, and the merged file is bfloat16 (load it with --fp8_scaled to quantise "
+                  "it again)")
             dtype = torch.bfloat16
     t0 = time.perf_counter()
     dit = load_dit(opts.dit, variant, device="cpu", dtype=dtype)

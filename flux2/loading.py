@@ -5,6 +5,11 @@ AE or a text encoder or a diffusers `transformer/` shard), the right variant (hi
 width), the exact key set and every shape. The model is then built on the meta device and the tensors are read
 one at a time, converted, moved to the target device and assigned in place, so memory holds one copy of the
 weights. Distilled and base klein files have identical shapes; nothing here can tell them apart.
+
+With a quantisation mode (fp8, nf4, int8: flux2.quantize) or a pre-quantised fp8 file (ComfyUI's scaled_fp8 and
+mixed-precision layouts), the DiT is read with plain reads instead of a memory map, each block Linear quantised
+a chunk of rows at a time as it arrives and every other tensor copied, so the process holds the quantised model
+and one chunk, never the model in bf16 nor the file's pages.
 """
 from __future__ import annotations
 
@@ -17,15 +22,16 @@ from typing import Iterable
 import torch
 
 from flux2.autoencoder import AutoEncoder
-from flux2.fp8 import FP8_DTYPE, Fp8Linear, dit_block_linear, quantize_blockwise, quantize_linears
+from flux2.fp8 import dit_block_linear
 from flux2.model import Flux2Transformer
-from flux2.safetensors_io import CheckpointError, Shape, iter_tensors, save_file_atomic, tensor_shapes
+from flux2.quantize import (PrequantizedLayout, check_layer_formats, check_mode, is_quantized_linear, load_streaming,
+                            prequantized_layout)
+from flux2.safetensors_io import (CheckpointError, Shape, TensorFile, iter_tensors, read_metadata, save_file_atomic,
+                                  tensor_shapes)
 from flux2.variants import VARIANTS, AutoEncoderConfig, Variant, get_variant
 
 # ComfyUI stores the DiT under `model.diffusion_model.` (full checkpoints) or `diffusion_model.`.
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-# Keys of pre-quantised ("scaled fp8") checkpoints from ComfyUI or musubi-tuner: their layouts vary.
-_SCALED_FP8 = re.compile(r"(\.(scale_weight|weight_scale|scale_input|input_scale)$)|(^scaled_fp8$)|comfy_quant")
 
 ShapeTable = dict[str, tuple[Shape, torch.dtype]]
 
@@ -57,10 +63,21 @@ def check_device_available(device: torch.device) -> None:
                          f"cuda:{count - 1}")
 
 
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """"auto" (or None): bfloat16 on CUDA, float32 on the CPU; otherwise bfloat16 / float32 (bf16 / fp32)."""
+# Variants whose "auto" dtype on the CPU is float32 (see resolve_dtype).
+FP32_ON_CPU = ("tiny",)
+
+
+def resolve_dtype(name: str | None, device: torch.device, variant: Variant | str | None = None) -> torch.dtype:
+    """"auto" (or None): bfloat16, except float32 for the tiny variant on the CPU; otherwise bfloat16 / float32
+    (bf16 / fp32).
+
+    bfloat16 halves the memory of the frozen weights and keeps a bf16 file zero-copy (a klein-base-4b in float32
+    is a 15.5 GB copy). The tiny variant stays float32 on the CPU: its weights are 3 MB, so bf16 saves nothing,
+    and measured on the demo (docs/performance.md) bf16 was no faster and scored the same, while the README's
+    demo numbers and the tests' tolerances are float32 ones."""
     if name in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        name_of = variant if isinstance(variant, str) or variant is None else variant.name
+        return torch.float32 if device.type == "cpu" and name_of in FP32_ON_CPU else torch.bfloat16
     try:
         return DTYPES[name]
     except KeyError:
@@ -226,18 +243,12 @@ def _check_keys(shapes: ShapeTable, expected: dict[str, Shape], what: str, path:
                               "quantised formats other than plain fp8 are not supported; use the bf16 file")
 
 
-def check_dit_shapes(shapes: ShapeTable, variant: Variant | str, path: str | os.PathLike = "checkpoint"
-                     ) -> DitInfo:
-    """Check header shapes (file keys, prefix allowed) against `variant`'s DiT; CheckpointError if they differ."""
+def check_dit_shapes(shapes: ShapeTable, variant: Variant | str, path: str | os.PathLike = "checkpoint",
+                     metadata: dict[str, str] | None = None) -> DitInfo:
+    """Check header shapes (file keys, prefix allowed) against `variant`'s DiT; CheckpointError if they differ.
+    Pre-quantised fp8 files (ComfyUI scaled_fp8 / mixed precision) pass: their scales and markers are set aside."""
     variant = _variant(variant)
-    key_map = strip_prefix(shapes, path)
-    shapes = {name: shapes[key] for name, key in key_map.items()}
-    _require_kind(shapes, "dit", path)
-    scaled = sorted(k for k in shapes if _SCALED_FP8.search(k))
-    if scaled:
-        raise CheckpointError(
-            f"{path} is a pre-quantised (scaled fp8) checkpoint ({_listing(scaled, 2)}), which is not supported: "
-            "use the official bf16 file and add --fp8_scaled to quantise it at load time")
+    shapes, _ = _model_shapes(shapes, path, metadata or {})
     info = dit_info_from_shapes(shapes)
     v = variant
     if (info.hidden_size, info.depth, info.depth_single_blocks, info.context_in_dim, info.has_guidance_in) != (
@@ -261,77 +272,96 @@ def check_dit_shapes(shapes: ShapeTable, variant: Variant | str, path: str | os.
     return info
 
 
+def _model_shapes(shapes: ShapeTable, path: str | os.PathLike, metadata: dict[str, str]
+                  ) -> tuple[ShapeTable, PrequantizedLayout]:
+    """The model's tensors (prefix stripped, quantisation scales and markers set aside) and the file's fp8 layout."""
+    key_map = strip_prefix(shapes, path)
+    shapes = {name: shapes[key] for name, key in key_map.items()}
+    _require_kind(shapes, "dit", path)
+    layout = prequantized_layout(shapes, metadata, path)
+    return {k: v for k, v in shapes.items() if k not in layout.extra_keys}, layout
+
+
 def check_dit(path: str | os.PathLike, variant: Variant | str) -> DitInfo:
     """Check a DiT file from its header alone (no tensor data is read); returns what it holds."""
-    return check_dit_shapes(tensor_shapes(path), variant, path)
+    return check_dit_shapes(tensor_shapes(path), variant, path, read_metadata(path))
 
 
 def inspect_dit(path: str | os.PathLike) -> DitInfo:
     """The dimensions of the DiT in `path`, from the header alone (CheckpointError if it is not a DiT)."""
-    shapes = tensor_shapes(path)
-    key_map = strip_prefix(shapes, path)
-    shapes = {name: shapes[key] for name, key in key_map.items()}
-    _require_kind(shapes, "dit", path)
+    shapes, _ = _model_shapes(tensor_shapes(path), path, read_metadata(path))
     return dit_info_from_shapes(shapes)
 
 
+def dit_quantize_mode(fp8_scaled: bool = False, quantize: str = "none") -> str:
+    """The one quantisation mode of the DiT from the seed's fp8 switch and `quantize` (none | fp8 | nf4 | int8)."""
+    check_mode(quantize)
+    if fp8_scaled and quantize not in ("none", "fp8"):
+        raise ValueError(f"--fp8_scaled and --quantize {quantize} both quantise the DiT: choose one")
+    return "fp8" if fp8_scaled else quantize
+
+
 def load_dit(path: str | os.PathLike, variant: Variant | str, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.bfloat16, fp8_scaled: bool = False) -> Flux2Transformer:
+             dtype: torch.dtype = torch.bfloat16, fp8_scaled: bool = False, quantize: str = "none",
+             ) -> Flux2Transformer:
     """Load a BFL-format DiT file (or its ComfyUI-prefixed form), checked first, into a frozen eval model.
 
     Every tensor is cast to `dtype` (norm scales included) and moved to `device` one at a time, then assigned to
-    a model built on the meta device with strict key checking, so memory holds a single copy. A file stored in
-    fp8 is upcast. With `fp8_scaled`, the Linear layers inside the blocks become block-wise fp8 (flux2.fp8): each
-    weight is quantised as it is read; an fp8 (e4m3fn) file's weights are kept exactly, with unit scales.
+    a model built on the meta device, so memory holds a single copy of the weights. `quantize` (or the seed's
+    `fp8_scaled`, the same as quantize="fp8") stores the Linear layers inside the blocks as block-wise fp8
+    (flux2.fp8), NF4 or int8 (flux2.bnb_linear), each quantised a chunk at a time as it is read (see the module
+    docstring). A pre-quantised fp8 file (ComfyUI scaled_fp8 / mixed precision, or plain fp8 weights) is
+    dequantised to `dtype`, or in fp8 mode kept exactly (its fp8 layers outside the blocks too).
     """
     variant = _variant(variant)
-    shapes = tensor_shapes(path)
-    check_dit_shapes(shapes, variant, path)
+    mode = dit_quantize_mode(fp8_scaled, quantize)
+    shapes, metadata = tensor_shapes(path), read_metadata(path)
+    check_dit_shapes(shapes, variant, path, metadata)
+    _, layout = _model_shapes(shapes, path, metadata)
     key_map = strip_prefix(shapes, path)
-
     with torch.device("meta"):
         model = Flux2Transformer(variant)
-    if fp8_scaled:
-        quantize_linears(model, dit_block_linear)
-    fp8_modules = {name: m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    if mode == "none" and not layout.layers:
+        return _load_mapped(model, path, key_map, device, dtype)
 
+    quantized = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and mode != "none"
+                 and (dit_block_linear(name, m) or (mode == "fp8" and name in layout.layers))}
+    with TensorFile(path) as f:
+        check_layer_formats(f, layout, key_map)
+        names = sorted(model.state_dict(), key=lambda n: f.header[key_map[n]]["data_offsets"][0])  # file order
+        load_streaming(model, lambda name: (f, key_map[name]), quantized, mode, dtype, device, layout.file_layers(key_map), names,
+                       desc=f"loading the DiT ({mode})")
+    return model.requires_grad_(False).eval()
+
+
+def _load_mapped(model: Flux2Transformer, path: str | os.PathLike, key_map: dict[str, str],
+                 device: str | torch.device, dtype: torch.dtype) -> Flux2Transformer:
+    """The unquantised load: tensors read through safetensors' memory map (zero-copy when nothing is cast)."""
     state: dict[str, torch.Tensor] = {}
-    file_keys = [key_map[k] for k in model.state_dict() if not k.endswith(".scale_weight")]
     model_key = {file_key: name for name, file_key in key_map.items()}
-    for file_key, tensor in iter_tensors(path, file_keys):
-        name = model_key[file_key]
-        module_name = name.removesuffix(".weight")
-        tensor = tensor.to(device)
-        if module_name in fp8_modules:
-            if tensor.dtype == FP8_DTYPE:  # already e4m3fn: keep the values, scale 1 (exact)
-                values = tensor
-                scale = torch.ones(fp8_modules[module_name].scale_weight.shape, dtype=dtype, device=device)
-            else:
-                values, scale = quantize_blockwise(tensor.to(dtype))
-            state[name], state[f"{module_name}.scale_weight"] = values, scale
-        else:
-            state[name] = tensor.to(dtype)
+    for file_key, tensor in iter_tensors(path, [key_map[k] for k in model.state_dict()]):
+        state[model_key[file_key]] = tensor.to(device).to(dtype)
         del tensor
     model.load_state_dict(state, strict=True, assign=True)
     return model.requires_grad_(False).eval()
 
 
 def save_dit(model: Flux2Transformer, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write the DiT as a BFL-format single file (atomically); fp8 layers are dequantised to their scale dtype.
+    """Write the DiT as a BFL-format single file (atomically); quantised layers (fp8, nf4, int8) are dequantised
+    to the dtype of the model's unquantised weights.
 
     The model must have exactly the BFL keys: merge LoRA weights into it first.
     """
+    quantized = {name: m for name, m in model.named_modules() if is_quantized_linear(m)}
+    dtype = model.double_blocks[0].img_attn.norm.query_norm.scale.dtype  # never quantised
     tensors: dict[str, torch.Tensor] = {}
-    fp8_modules = {name: m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
     for name, tensor in model.state_dict().items():
-        module_name, _, leaf = name.rpartition(".")
-        if module_name in fp8_modules:
-            if leaf == "weight":
-                m = fp8_modules[module_name]
-                tensor = m.dequantized_weight(m.scale_weight.dtype)
-            elif leaf == "scale_weight":
-                continue
-        tensors[name] = tensor.detach().to("cpu").contiguous()
+        if not any(name.startswith(f"{q}.") for q in quantized):
+            tensors[name] = tensor.detach().to("cpu").contiguous()
+    for name, m in quantized.items():
+        tensors[f"{name}.weight"] = m.dequantized_weight(dtype).detach().to("cpu").contiguous()
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.detach().to("cpu", dtype).contiguous()
     expected = expected_dit_shapes(model.variant)
     extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
     if extra or missing:

@@ -1,7 +1,8 @@
 """LoRA for the FLUX.2 DiT: the trainable network, its kohya-form file, and applying LoRA files at inference.
 
-A `LoRAModule` adds `multiplier * (alpha / rank) * up(down(x))` to the output of one Linear (nn.Linear or
-fp8.Fp8Linear) through a forward hook, so the DiT's modules and state_dict keys never change and the update
+A `LoRAModule` adds `multiplier * (alpha / rank) * up(down(x))` to the output of one Linear (nn.Linear, or a
+frozen quantised one: fp8.Fp8Linear, bnb_linear.Nf4Linear / Int8Linear, which are QLoRA's bases) through a
+forward hook, so the DiT's modules and state_dict keys never change and the update
 can be detached again (`remove()`) or folded into the weights (`merge_into`). `AdapterModule` holds that
 mechanism for every adapter kind; LoKr and LoHa (flux2.lycoris) build on it, and a network, its files and
 `apply_loras` take all three alike. `param_groups` gives the optimizer per-block learning rates and LoRA+.
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flux2.fp8 import Fp8Linear, quantize_blockwise
+from flux2.fp8 import Fp8Linear
 from flux2.loading import expected_dit_shapes
 from flux2.lora_formats import (LoRA, LoRAWeights, ModuleWeights, check_finite, detect_format, kohya_name,
                                 read_lora)
@@ -34,6 +35,8 @@ from flux2.network_config import NetworkOptions
 from flux2.safetensors_io import load_file, save_file_atomic
 from flux2.variants import VARIANTS, Variant
 
+# bitsandbytes' Linear4bit / Linear8bitLt (our Nf4Linear / Int8Linear) are nn.Linear subclasses: covered, without
+# importing bitsandbytes here.
 LINEAR_TYPES = (nn.Linear, Fp8Linear)
 BLOCK_PREFIXES = ("double_blocks.", "single_blocks.")
 NETWORK_MODULE = "flux2.lora"
@@ -160,7 +163,7 @@ class LoRAModule(AdapterModule):
 
 
 def linear_modules(dit: nn.Module) -> dict[str, nn.Module]:
-    """Dotted path -> module for every Linear (nn.Linear or Fp8Linear) of the DiT."""
+    """Dotted path -> module for every Linear (nn.Linear or a quantised one) of the DiT."""
     return {name: m for name, m in dit.named_modules() if isinstance(m, LINEAR_TYPES)}
 
 
@@ -240,7 +243,7 @@ class LoRANetwork(nn.Module):
 
     @torch.no_grad()
     def merge_into(self, dit: nn.Module, multiplier: float = 1.0) -> None:
-        """W += multiplier * scale * up @ down for every module (float32, cast back; an Fp8Linear is
+        """W += multiplier * scale * up @ down for every module (float32, cast back; a quantised Linear is
         dequantised, updated and quantised again). Detaches the hooks first: the update now lives in W."""
         self.remove()
         for m in self.lora_modules:
@@ -382,14 +385,12 @@ def param_groups(network: LoRANetwork, learning_rate: float, options: NetworkOpt
 
 @torch.no_grad()
 def add_to_weight(target: nn.Module, delta: Tensor) -> None:
-    """W += delta, computed in float32 and stored back in W's format (an Fp8Linear is re-quantised with its
-    block size)."""
-    if isinstance(target, Fp8Linear):
-        block_size = target.in_features // target.scale_weight.shape[1]
-        weight = target.dequantized_weight(torch.float32) + delta.to(target.weight.device, torch.float32)
-        values, scale = quantize_blockwise(weight, block_size)
-        target.weight.copy_(values)
-        target.scale_weight.copy_(scale)
+    """W += delta, computed in float32 and stored back in W's format (a quantised Linear - fp8, NF4, int8 - is
+    dequantised and quantised again in its own format)."""
+    from flux2.quantize import is_quantized_linear
+
+    if is_quantized_linear(target):
+        target.set_weight(target.dequantized_weight(torch.float32) + delta.to(target.weight.device, torch.float32))
     elif isinstance(target, nn.Linear):
         target.weight.copy_(target.weight.float() + delta.to(target.weight.device, torch.float32))
     else:

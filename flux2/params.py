@@ -33,13 +33,15 @@ class ModelParams:
     vae: str = "models/tiny/ae.safetensors"
     text_encoder: str = "models/tiny/text_encoder"
     tokenizer: str | None = None
-    dtype: str = "auto"  # frozen base weights: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
+    dtype: str = "auto"  # frozen base weights: auto (bf16; fp32 for tiny on CPU) | bfloat16 | float32
     vae_dtype: str = "float32"
     fp8_base: bool = False
     fp8_scaled: bool = False
     fp8_text_encoder: bool = False
     fp8_matmul: bool = False  # block Linears in row-wise fp8, multiplied in fp8 (torch._scaled_mm; flux2/fp8_matmul.py)
     attention_backend: str = "auto"  # auto | flash | cudnn | efficient | math: the blocks' SDPA kernel
+    quantize: str = "none"  # DiT block Linears: none | fp8 (= fp8_base) | nf4 | int8 (bitsandbytes; QLoRA)
+    text_encoder_quantize: str = "none"  # text encoder Linears: none | fp8 (= fp8_text_encoder) | nf4 | int8
     blocks_to_swap: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
@@ -210,6 +212,8 @@ def optimizer_type_problem(optimizer_type: str) -> str | None:
 CHOICES = {
     "model.model_version": list(VARIANTS),
     "model.dtype": ["auto", "bfloat16", "float32"],
+    "model.quantize": ["none", "fp8", "nf4", "int8"],
+    "model.text_encoder_quantize": ["none", "fp8", "nf4", "int8"],
     "model.vae_dtype": ["bfloat16", "float32"],
     "model.attention_backend": ["auto", "flash", "cudnn", "efficient", "math"],
     "dataset.on_error": ["skip", "fail"],
@@ -401,6 +405,21 @@ def check_semantics(p: Params) -> None:
     _check_speed_options(p)
     if p.model.fp8_scaled and not p.model.fp8_base:
         raise ParamsError("model.fp8_scaled: needs model.fp8_base: true (scaled fp8 is a form of fp8 base)")
+    m = p.model
+    if m.fp8_base and m.quantize not in ("none", "fp8"):
+        raise ParamsError(f"model.quantize: {m.quantize} and model.fp8_base both quantise the DiT; choose one")
+    if m.fp8_text_encoder and m.text_encoder_quantize not in ("none", "fp8"):
+        raise ParamsError(f"model.text_encoder_quantize: {m.text_encoder_quantize} and model.fp8_text_encoder both "
+                          "quantise the text encoder; choose one")
+    if m.fp8_matmul and (m.fp8_base or m.quantize != "none"):
+        other = "model.fp8_base" if m.fp8_base else f"model.quantize: {m.quantize}"
+        raise ParamsError(f"model.fp8_matmul: stores the block Linears in an fp8 of its own (row-wise scales), so it "
+                          f"cannot be combined with {other}; choose one")
+    if m.quantize in ("nf4", "int8") and (m.blocks_to_swap or t.fsdp):
+        other = "model.blocks_to_swap" if m.blocks_to_swap else "train.fsdp"
+        raise ParamsError(f"model.quantize: {m.quantize} cannot be combined with {other} (bitsandbytes' quantisation "
+                          "state does not move with swapped or sharded blocks); use fp8 with it, or drop it: a "
+                          f"{m.quantize} DiT needs a quarter to half of the bf16 memory")
     try:
         network_options(t, VARIANTS[p.model.model_version])
     except NetworkConfigError as e:

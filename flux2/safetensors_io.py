@@ -278,3 +278,85 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class TensorFile:
+    """A checked safetensors file read with plain reads into fresh memory, never memory-mapped: a tensor whole
+    (`read`) or a range of its rows at a time (`iter_rows`), so a loader that quantises weights as they arrive
+    holds one chunk of the source at a time and none of the file's pages stay mapped in the process.
+
+    Use as a context manager (it holds one open file descriptor)."""
+
+    READ_LIMIT = 1 << 30  # bytes per read() call (Linux caps a single read near 2 GiB)
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.header, self._data_offset = read_header(path)
+        self.metadata: dict[str, str] = dict(self.header.get("__metadata__", {}))
+        self._fd = os.open(self.path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):  # read-ahead for the sequential pass a loader makes
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def keys(self) -> list[str]:
+        return [k for k in self.header if k != "__metadata__"]
+
+    def _entry(self, key: str) -> dict:
+        if key not in self.header or key == "__metadata__":
+            raise CheckpointError(f"{self.path} has no tensor named {key!r}")
+        return self.header[key]
+
+    def shape(self, key: str) -> Shape:
+        return tuple(self._entry(key)["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return DTYPES[self._entry(key)["dtype"]]
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor `key` (or its rows [start, stop) along the first axis), in its stored dtype, on the CPU."""
+        entry = self._entry(key)
+        shape, dtype = list(entry["shape"]), DTYPES[entry["dtype"]]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize if shape else dtype.itemsize
+        begin = self._data_offset + entry["data_offsets"][0]
+        if rows is not None:
+            start, stop = rows
+            if not shape or not 0 <= start <= stop <= shape[0]:
+                raise ValueError(f"{self.path}: rows {rows} outside tensor {key!r} of shape {shape}")
+            begin += start * row_bytes
+            shape = [stop - start] + shape[1:]
+        nbytes = math.prod(shape) * dtype.itemsize
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
+        done = 0
+        while done < nbytes:
+            n = os.preadv(self._fd, [view[done:done + self.READ_LIMIT]], begin + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.path} ended while reading tensor {key!r}; download it again")
+            done += n
+        return buf.view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
+
+    def iter_rows(self, key: str, rows_per_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, rows) chunks of a tensor, in order; the next chunk is read while the caller works on one."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        total = self.shape(key)[0]
+        starts = list(range(0, total, max(rows_per_chunk, 1)))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.read, key, (0, min(rows_per_chunk, total))) if starts else None
+            for i, start in enumerate(starts):
+                chunk = pending.result()
+                if i + 1 < len(starts):
+                    nxt = starts[i + 1]
+                    pending = pool.submit(self.read, key, (nxt, min(nxt + rows_per_chunk, total)))
+                yield start, chunk
+                del chunk

@@ -7,7 +7,9 @@ concatenated per token, layer-major: ctx (B, L, len(layers) * D) = (B, L, varian
 positions are kept: the DiT attends to all L tokens.
 
 Loading reads only safetensors (nothing is unpickled), builds the decoder on the meta device and assigns the
-tensors layer by layer, so memory is never doubled. Only the decoder layers up to the deepest one we read are
+tensors layer by layer, so memory is never doubled. With a quantisation mode (fp8, nf4, int8: flux2.quantize)
+the shards are read with plain reads, not mapped: each decoder Linear is quantised a chunk of rows at a time as
+it arrives and the rest is copied, so the process holds the quantised layers and one chunk. Only the decoder layers up to the deepest one we read are
 loaded (e.g. 31 of Mistral's 40): the later layers cannot change the earlier hidden states.
 Imports only torch, safetensors and (inside functions, since they cost seconds) transformers / tokenizers.
 """
@@ -24,9 +26,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from flux2.fp8 import quantize_linears
-from flux2.safetensors_io import read_header
+from flux2.quantize import check_mode, load_streaming
+from flux2.safetensors_io import TensorFile, read_header
 from flux2.user_files import read_json
 from flux2.variants import TextEncoderConfig, Variant
 
@@ -110,7 +113,7 @@ class TextEncoder:
     """
 
     def __init__(self, tokenizer, model: nn.Module, variant: Variant, fingerprint: str | None = None,
-                 fp8: bool = False):
+                 fp8: bool = False, quantize: str = "none"):
         text_config = model.config.get_text_config()
         _check_variant_fit(variant, kind=_kind_of_config(text_config), hidden=text_config.hidden_size,
                            num_layers=text_config.num_hidden_layers, source=type(model).__name__)
@@ -123,7 +126,8 @@ class TextEncoder:
         self.kind = variant.text_encoder
         self.layers = tuple(variant.text_layers)
         self.max_length = variant.max_text_tokens
-        self.fp8 = fp8
+        self.fp8 = fp8 or quantize == "fp8"
+        self.quantize = "fp8" if self.fp8 else quantize
         self._fingerprint = fingerprint
 
     @property
@@ -143,10 +147,7 @@ class TextEncoder:
 
     def identity(self) -> dict[str, str]:
         """Everything that decides the embeddings, as strings, for cache keys and metadata."""
-        return {"text_encoder": self.kind, "fingerprint": self.fingerprint,
-                "text_layers": ",".join(map(str, self.layers)), "max_text_tokens": str(self.max_length),
-                "template_version": TEMPLATE_VERSION, "dtype": str(self.dtype).removeprefix("torch."),
-                "fp8": str(self.fp8).lower()}
+        return encoder_identity(self.kind, self.fingerprint, self.variant, self.dtype, self.quantize)
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """input_ids and attention_mask (B, max_text_tokens) of `prompts`."""
@@ -171,6 +172,28 @@ class TextEncoder:
                          output_hidden_states=True, use_cache=False)
         hidden = torch.stack([out.hidden_states[k] for k in self.layers], dim=2)  # (B, L, n_layers, D)
         return hidden.reshape(hidden.shape[0], hidden.shape[1], -1)
+
+
+def encoder_identity(kind: str, fingerprint: str, variant: Variant, dtype: torch.dtype, quantize: str = "none"
+                     ) -> dict[str, str]:
+    """What decides a text encoder's embeddings, as strings (TextEncoder.identity, flux2.cache_text's keys).
+    NF4 / int8 add a `quantize` entry (fp8 has its own, older `fp8` entry), so unquantised keys stay as they were."""
+    identity = {"text_encoder": kind, "fingerprint": fingerprint,
+                "text_layers": ",".join(map(str, variant.text_layers)), "max_text_tokens": str(variant.max_text_tokens),
+                "template_version": TEMPLATE_VERSION, "dtype": str(dtype).removeprefix("torch."),
+                "fp8": str(quantize == "fp8").lower()}
+    if quantize in ("nf4", "int8"):
+        identity["quantize"] = quantize
+    return identity
+
+
+def text_encoder_quantize_mode(fp8: bool = False, quantize: str = "none") -> str:
+    """The one quantisation mode of the text encoder from --fp8_text_encoder and --text_encoder_quantize."""
+    check_mode(quantize, "text_encoder_quantize")
+    if fp8 and quantize not in ("none", "fp8"):
+        raise ValueError(f"--fp8_text_encoder and --text_encoder_quantize {quantize} both quantise the text encoder: "
+                         "choose one")
+    return "fp8" if fp8 else quantize
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -477,13 +500,13 @@ def _model_fingerprint(model: nn.Module) -> str:
 
 def load_text_encoder(path: str | Path, variant: Variant, tokenizer: str | Path | None = None,
                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                      fp8: bool = False) -> TextEncoder:
+                      fp8: bool = False, quantize: str = "none") -> TextEncoder:
     """Load the text encoder of `variant` from `path` (HF folder, first file of a split set, or one file).
 
     The config comes from config.json beside the weights, else from the built-in config of the official
     encoder; the tokenizer from `tokenizer`, else beside the weights, else a sibling `tokenizer/` folder.
-    `fp8=True` stores the decoder layers' Linear weights block-wise in fp8 (embeddings and norms stay in
-    `dtype`; compute in `dtype`). The fingerprint covers the weight files (see files_fingerprint) and the
+    `quantize` (fp8 | nf4 | int8; `fp8=True` is quantize="fp8") stores the decoder layers' Linear weights
+    quantised, each as it is read (embeddings and norms stay in `dtype`; compute in `dtype`). The fingerprint covers the weight files (see files_fingerprint) and the
     tokenizer files, so it changes when either does.
     """
     files = resolve_weight_files(path)
@@ -500,9 +523,10 @@ def load_text_encoder(path: str | Path, variant: Variant, tokenizer: str | Path 
         raise ValueError(f"the tokenizer in {tokenizer_dir} has {len(tok)} tokens but the text encoder {source} "
                          f"only embeds {config.vocab_size}; they belong to different models")
 
-    model = _build_decoder(config, tensors, variant, device, dtype, fp8, source)
+    mode = text_encoder_quantize_mode(fp8, quantize)
+    model = _build_decoder(config, tensors, variant, device, dtype, mode, source)
     return TextEncoder(tok, model, variant, fingerprint=files_fingerprint(files, tokenizer_files(tokenizer_dir)),
-                       fp8=fp8)
+                       quantize=mode)
 
 
 def tokenizer_files(folder: Path) -> list[Path]:
@@ -511,9 +535,10 @@ def tokenizer_files(folder: Path) -> list[Path]:
                   and not p.name.endswith(".index.json"))
 
 
-def _build_decoder(config, tensors: _Tensors, variant: Variant, device, dtype: torch.dtype, fp8: bool,
+def _build_decoder(config, tensors: _Tensors, variant: Variant, device, dtype: torch.dtype, mode: str,
                    source: str) -> nn.Module:
-    """The bare decoder (Qwen3Model / MistralModel) with the layers up to the deepest one read."""
+    """The bare decoder (Qwen3Model / MistralModel) with the layers up to the deepest one read; its layers'
+    Linears quantised in `mode` unless it is "none"."""
     from transformers import MistralModel, Qwen3Model
 
     deepest = max(variant.text_layers)
@@ -525,29 +550,45 @@ def _build_decoder(config, tensors: _Tensors, variant: Variant, device, dtype: t
         model = (Qwen3Model if tensors.kind == "qwen3" else MistralModel)(config)
 
     used: set[str] = set()
-    with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in
-                   {file for file, _, _ in tensors.entries.values()}}
 
-        def load(module: nn.Module, prefix: str) -> None:
+    def missing(full: str) -> ValueError:
+        return ValueError(f"{source}: tensor {tensors.prefix}{full} is missing")
+
+    with ExitStack() as stack:
+        shard_files = {file for file, _, _ in tensors.entries.values()}
+        if mode == "none":
+            handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in shard_files}
+        else:
+            readers = {f: stack.enter_context(TensorFile(f)) for f in shard_files}
+
+        def load(module: nn.Module, prefix: str, quantize: bool = False) -> None:
+            names = list(module.state_dict())
+            for name in names:
+                if prefix + name not in tensors.entries:
+                    raise missing(prefix + name)
+                used.add(prefix + name)
+            if mode != "none":
+                linears = {path for path, m in module.named_modules() if isinstance(m, nn.Linear)} if quantize else set()
+
+                def locate(name: str):
+                    file, key, _ = tensors.entries[prefix + name]
+                    return readers[file], key
+
+                load_streaming(module, locate, linears, mode, dtype, device)
+                return
             state = {}
-            for name in module.state_dict():
-                full = prefix + name
-                if full not in tensors.entries:
-                    raise ValueError(f"{source}: tensor {tensors.prefix}{full} is missing")
-                file, key, _ = tensors.entries[full]
+            for name in names:
+                file, key, _ = tensors.entries[prefix + name]
                 state[name] = handles[file].get_tensor(key).to(device=device, dtype=dtype)
-                used.add(full)
             try:
                 module.load_state_dict(state, strict=True, assign=True)
             except RuntimeError as e:
                 raise ValueError(f"{source}: cannot load {tensors.prefix}{prefix}*: {e}") from None
 
         load(model.embed_tokens, "embed_tokens.")
-        for i, layer in enumerate(model.layers):
-            load(layer, f"layers.{i}.")
-            if fp8:  # quantise as we go, so the bf16 copy of only one layer is ever held
-                quantize_linears(layer, lambda name, module: True)
+        for i, layer in enumerate(tqdm(model.layers, desc=f"loading the text encoder ({mode})", unit="layer",
+                                       leave=False, disable=None if mode != "none" else True)):
+            load(layer, f"layers.{i}.", quantize=True)
         load(model.norm, "norm.")
 
     skipped = {n for n in tensors.entries if (m := _LAYER_RE.match(n)) and int(m[1]) >= keep}

@@ -277,7 +277,7 @@ def setup(p: Params, base: Path) -> Training:
     main = state.is_main_process
     variant = get_variant(p.model.model_version)
     device = resolve_device(p.model.device, state.local_process_index)
-    dtype = resolve_dtype(p.model.dtype, device)
+    dtype = resolve_dtype(p.model.dtype, device, variant)
     t_cfg = p.train
     warning = distilled_warning(variant)
     if warning and main:
@@ -303,7 +303,8 @@ def setup(p: Params, base: Path) -> Training:
 
     on_cpu_first = p.model.blocks_to_swap or t_cfg.fsdp
     dit = load_dit(base / p.model.dit, variant, device="cpu" if on_cpu_first else device, dtype=dtype,
-                   fp8_scaled=(p.model.fp8_base or p.model.fp8_scaled) and not p.model.fp8_matmul)
+                   fp8_scaled=(p.model.fp8_base or p.model.fp8_scaled) and not p.model.fp8_matmul,
+                   quantize=p.model.quantize)
     if p.model.fp8_matmul:
         from flux2.fp8_matmul import apply_fp8_matmul
 

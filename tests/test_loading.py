@@ -401,10 +401,17 @@ def test_truncated_dit_file(dit_file):
         load_dit(dit_file, TINY)
 
 
-def test_scaled_fp8_checkpoint_is_refused():
+def test_scaled_fp8_header_checks():
+    """ComfyUI's scaled_fp8 layout passes the header check (tests/test_quantize.py loads it); a scale whose
+    weight is not fp8 does not."""
     shapes = header_only(expected_dit_shapes(TINY))
+    shapes["double_blocks.0.img_attn.qkv.weight"] = (shapes["double_blocks.0.img_attn.qkv.weight"][0], FP8_DTYPE)
     shapes["double_blocks.0.img_attn.qkv.scale_weight"] = ((), torch.float32)
-    with pytest.raises(CheckpointError, match=r"pre-quantised \(scaled fp8\) checkpoint.*--fp8_scaled"):
+    shapes["scaled_fp8"] = ((0,), FP8_DTYPE)
+    check_dit_shapes(shapes, TINY)
+    shapes["double_blocks.0.img_attn.proj.scale_weight"] = ((), torch.float32)
+    with pytest.raises(CheckpointError, match=r"fp8 scale double_blocks.0.img_attn.proj.scale_weight but a "
+                                              r"bfloat16 weight"):
         check_dit_shapes(shapes, TINY)
 
 
