@@ -42,7 +42,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from flux2.atomic import atomic_path, remove_temporaries
-from flux2.locks import FolderLockedError, folder_lock
+from flux2.locks import LOCK_FILE, FolderLockedError, folder_lock  # noqa: F401  (LOCK_FILE re-exported)
 from flux2.safetensors_io import DTYPES, CheckpointError, read_header, save_file_atomic
 from flux2.variants import Variant, get_variant
 
