@@ -380,7 +380,7 @@ def resume(tr: Training) -> Progress:
             tr.ema.load_state_dict(ema_state)
         if main:
             print(f"resuming from {ckpt_dir}/step-{train_state.step:08d}")
-    elif main and any(d.is_dir() and d != ckpt_dir for d in ckpt_dir.parent.iterdir()):
+    elif main and ckpt_dir.parent.is_dir() and any(d.is_dir() and d != ckpt_dir for d in ckpt_dir.parent.iterdir()):
         print(f"starting from step 0 (the checkpoints of other configurations in {ckpt_dir.parent} are kept)")
     history = [(int(s), float(l), float(r)) for s, l, r in train_state.history]
     run = open_run(tr, train_state, history, resumed is not None) if main else None

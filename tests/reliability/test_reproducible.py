@@ -115,14 +115,18 @@ def test_kills_before_the_first_and_after_the_final_checkpoint_leave_one_mlflow_
 
     ref, summary = reference
     folder = copy_project(cached_pipeline, tmp_path / "p")
-    train_args = ("-m", "flux2.cli", "train", "--params", "params.yaml", *TRAIN)
+    # End-of-training samples make the window between the final checkpoint and metrics/train.json wide enough
+    # for the kill to land in it on a loaded machine (they change no weight and no logged step).
+    (folder / "prompts.txt").write_text("a red circle on a blue background --s 20\n", encoding="utf-8")
+    samples = ("--sample_prompts", "prompts.txt")
+    train_args = ("-m", "flux2.cli", "train", "--params", "params.yaml", *TRAIN, *samples)
     assert kill_after(folder, 0.0, *train_args,
                       marker=lambda: bool(list((folder / "checkpoints").glob("*/mlflow_run_id.txt"))))
     assert not list((folder / "checkpoints").glob("*/step-*"))
     killed = kill_after(folder, 0.0, *train_args,
                         marker=lambda: bool(list((folder / "checkpoints").glob("*/step-00000012"))))
     assert killed and not (folder / "metrics/train.json").exists(), "the kill came after the end of the run"
-    got = train(folder)
+    got = train(folder, *samples)
     assert metric_steps(folder, got["mlflow_run_id"]) == metric_steps(ref, summary["mlflow_run_id"])
     runs = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_runs(["1"])
     assert [r.info.run_id for r in runs] == [got["mlflow_run_id"]] and runs[0].info.status == "FINISHED"
