@@ -15,7 +15,8 @@ os.environ.setdefault("FLUX2_CACHE_STORE", "off")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under `make test` two xdist workers share the cores: one thread each.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 import pytest  # noqa: E402
 
@@ -50,3 +51,9 @@ def pipeline(cached_pipeline, tmp_path):
     from tests.datasets import copy_pipeline
 
     return copy_pipeline(cached_pipeline, tmp_path / "pipeline")
+
+
+def pytest_collection_modifyitems(items):
+    """The longest module first (tests/test_readme.py: a fresh clone running `make demo`, then the experiment
+    block): under `make test`'s `-n 2 --dist loadscope` the other worker takes the rest of the suite meanwhile."""
+    items.sort(key=lambda item: item.module.__name__ != "tests.test_readme")
