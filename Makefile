@@ -36,7 +36,7 @@ demo: setup
 	@echo "compare runs with: mlflow ui --backend-store-uri sqlite:///$$PWD/mlflow.db --host 127.0.0.1"
 
 test: setup-dev
-	$(PY) -m pytest -n 2 --dist loadscope
+	$(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder
 
 bench: setup-dev
 	$(PY) bench/dit_step.py

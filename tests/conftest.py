@@ -55,5 +55,6 @@ def pipeline(cached_pipeline, tmp_path):
 
 def pytest_collection_modifyitems(items):
     """The longest module first (tests/test_readme.py: a fresh clone running `make demo`, then the experiment
-    block): under `make test`'s `-n 2 --dist loadscope` the other worker takes the rest of the suite meanwhile."""
+    block): under `make test`'s `-n 2 --dist loadscope --no-loadscope-reorder` (modules in this order) the other
+    worker takes the rest of the suite meanwhile."""
     items.sort(key=lambda item: item.module.__name__ != "tests.test_readme")
