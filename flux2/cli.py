@@ -338,8 +338,10 @@ def add_group_options(p: argparse.ArgumentParser, cls: type, group: str) -> None
     import types
     import typing
 
+    from flux2.params import CHOICES, field_notes
+
     g = p.add_argument_group(f"{group} (override params.yaml's `{group}:` group)")
-    hints = typing.get_type_hints(cls)
+    hints, notes = typing.get_type_hints(cls), field_notes(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         options = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -348,7 +350,9 @@ def add_group_options(p: argparse.ArgumentParser, cls: type, group: str) -> None
             else tp
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         # SUPPRESS: an option not given leaves no attribute, so `--max_train_steps null` can set None.
-        kw: dict = {"default": argparse.SUPPRESS, "dest": f"{group}.{f.name}", "help": f"default: {default!r}"}
+        kw: dict = {"default": argparse.SUPPRESS, "dest": f"{group}.{f.name}", "help": (f"{notes[f.name]}; " if f.name in notes else "") + f"default: {default!r}"}
+        if f"{group}.{f.name}" in CHOICES:
+            kw["help"] += f" (one of: {', '.join(map(str, CHOICES[f'{group}.{f.name}']))})"
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) is list:

@@ -28,21 +28,21 @@ class ParamsError(ValueError):
 
 @dataclass
 class ModelParams:
-    model_version: str = "tiny"
-    dit: str = "models/tiny/dit.safetensors"
-    vae: str = "models/tiny/ae.safetensors"
-    text_encoder: str = "models/tiny/text_encoder"
-    tokenizer: str | None = None
+    model_version: str = "tiny"  # the FLUX.2 variant
+    dit: str = "models/tiny/dit.safetensors"  # the DiT file (BFL or ComfyUI layout, bf16 or fp8)
+    vae: str = "models/tiny/ae.safetensors"  # the autoencoder file (ae.safetensors)
+    text_encoder: str = "models/tiny/text_encoder"  # its folder, or the first file of a split set
+    tokenizer: str | None = None  # the tokenizer folder when it is not beside the text encoder
     dtype: str = "auto"  # frozen base weights: auto (bf16; fp32 for tiny on CPU) | bfloat16 | float32
-    vae_dtype: str = "float32"
-    fp8_base: bool = False
-    fp8_scaled: bool = False
-    fp8_text_encoder: bool = False
+    vae_dtype: str = "float32"  # the autoencoder's dtype
+    fp8_base: bool = False  # DiT block Linears in block-wise scaled fp8 (= quantize: fp8)
+    fp8_scaled: bool = False  # with fp8_base: the seed's name for the same scaled fp8
+    fp8_text_encoder: bool = False  # text encoder Linears in fp8 (= text_encoder_quantize: fp8)
     fp8_matmul: bool = False  # block Linears in row-wise fp8, multiplied in fp8 (torch._scaled_mm; flux2/fp8_matmul.py)
     attention_backend: str = "auto"  # auto | flash | cudnn | efficient | math: the blocks' SDPA kernel
     quantize: str = "none"  # DiT block Linears: none | fp8 (= fp8_base) | nf4 | int8 (bitsandbytes; QLoRA)
     text_encoder_quantize: str = "none"  # text encoder Linears: none | fp8 (= fp8_text_encoder) | nf4 | int8
-    blocks_to_swap: int = 0
+    blocks_to_swap: int = 0  # DiT blocks kept in pinned CPU memory and streamed in (CUDA)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
@@ -95,39 +95,39 @@ class CacheParams:
 
 @dataclass
 class TrainParams:
-    output_dir: str = "outputs/lora"
+    output_dir: str = "outputs/lora"  # where the LoRA file goes
     output_name: str = "lora"
-    checkpoint_dir: str = "checkpoints"
-    network_dim: int = 32
-    network_alpha: float = 1.0
+    checkpoint_dir: str = "checkpoints"  # resumable checkpoints, one folder per configuration
+    network_dim: int = 32  # the adapter's rank
+    network_alpha: float = 1.0  # the update is scaled by alpha / rank
     network_type: str = "lora"  # lora | lokr | loha (LyCORIS); docs/adapters.md
     network_args: dict[str, Any] = field(default_factory=dict)  # LoKr factor, per-block ranks / rates (network_config)
-    network_dropout: float = 0.0
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    include_patterns: list[str] = field(default_factory=list)
-    exclude_patterns: list[str] = field(default_factory=list)
+    network_dropout: float = 0.0  # dropout of the adapter's inner activations
+    rank_dropout: float = 0.0  # dropout of whole ranks
+    module_dropout: float = 0.0  # skip a whole module's update with this probability
+    include_patterns: list[str] = field(default_factory=list)  # regexes of module names to adapt
+    exclude_patterns: list[str] = field(default_factory=list)  # regexes of module names to leave out
     network_module: str = "networks.lora_flux_2"  # musubi-tuner's module name for the FLUX.2 LoRA
     network_weights: str | None = None  # start from this LoRA file (kohya, ComfyUI/BFL or diffusers layout)
     optimizer_type: str = "adamw"  # adamw | adamw8bit | adafactor | module.Class
-    optimizer_args: dict[str, Any] = field(default_factory=dict)
+    optimizer_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the optimizer
     learning_rate: float = 1e-4
     loraplus_lr_ratio: float | None = None  # LoRA+: the up weights learn at ratio x learning_rate (null: off)
-    lr_scheduler: str = "constant"
+    lr_scheduler: str = "constant"  # the learning-rate schedule
     lr_warmup_steps: int = 0
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
-    max_grad_norm: float = 1.0
-    batch_size: int = 1
+    max_grad_norm: float = 1.0  # gradient clipping (0: off)
+    batch_size: int = 1  # items per step and process, for sources without a batch_size
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = "bf16"  # bf16 | no
-    gradient_checkpointing: bool = True
+    mixed_precision: str = "bf16"  # autocast of the forward in bf16, or no
+    gradient_checkpointing: bool = True  # recompute block activations in backward: less memory
     gradient_checkpointing_blocks: int | None = None  # recompute only the first N blocks (None: all)
     compile: bool | str = "auto"  # auto (on for CUDA) | true | false: regional torch.compile (flux2/compile.py)
     fsdp: bool = False  # shard the frozen DiT over the processes (accelerate launch), e.g. dev on 80 GB cards
     max_train_steps: int | None = 1000
     max_train_epochs: int | None = None  # when set, it decides the run length instead of max_train_steps
-    seed: int = 42
+    seed: int = 42  # decides batches, noise and timesteps
     timestep_sampling: str = "flux2_shift"  # flux2_shift | sigmoid | uniform | shift | logit_normal
     discrete_flow_shift: float = 1.0
     sigmoid_scale: float = 1.0
@@ -135,16 +135,16 @@ class TrainParams:
     logit_std: float = 1.0
     weighting_scheme: str = "none"  # none | sigma_sqrt | cosmap
     guidance: float = 1.0  # dev's embedded guidance input during training
-    caption_dropout_rate: float = 0.0
+    caption_dropout_rate: float = 0.0  # share of items trained with the empty caption
     masked_loss: bool = True  # weight the loss by the dataset's masks where it has them (false: ignore masks)
     ema_decay: float | None = None  # EMA of the LoRA weights, saved beside it as <output_name>_ema; null/0: off
-    sample_prompts: str | None = None
+    sample_prompts: str | None = None  # a prompt file (seed format) sampled during and after training
     sample_every_n_steps: int = 0
     sample_every_n_epochs: int = 0
     save_every_n_steps: int = 100  # checkpoints (resumable state)
     save_every_n_epochs: int = 0  # LoRA files <output_name>-<epoch:06d>.safetensors (not after the last epoch)
-    max_bad_steps: int = 10
-    log_every_n_steps: int = 1
+    max_bad_steps: int = 10  # stop after this many non-finite steps in a row
+    log_every_n_steps: int = 1  # how often the loss is read and logged
 
 
 @dataclass
@@ -207,6 +207,23 @@ def optimizer_type_problem(optimizer_type: str) -> str | None:
         return None
     return (f"{optimizer_type!r} is not an optimizer this trainer loads; use {', '.join(OPTIMIZER_NAMES)} or a "
             f"class of {', '.join(OPTIMIZER_PACKAGES)} (e.g. torch.optim.SGD, prodigyopt.Prodigy)")
+
+
+def field_notes(cls: type) -> dict[str, str]:
+    """The comment after each field of a params dataclass (`dtype: str = "auto"  # frozen base weights ...`),
+    by field name: what `flux2 train --help` says of the option."""
+    import inspect
+    import io
+    import tokenize
+
+    notes: dict[str, str] = {}
+    field, line = None, -1
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] != line:
+            field, line = tok.string, tok.start[0]
+        elif tok.type == tokenize.COMMENT and tok.start[0] == line and field:
+            notes[field] = tok.string.lstrip("# ").strip()
+    return notes
 
 
 CHOICES = {

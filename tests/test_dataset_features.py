@@ -292,8 +292,11 @@ def test_help_shows_the_new_options_with_their_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for text in ("--network_module NETWORK_MODULE default: 'networks.lora_flux_2'",
-                 "--save_every_n_epochs SAVE_EVERY_N_EPOCHS default: 0", "--masked_loss, --no-masked_loss",
+    for text in ("--network_module NETWORK_MODULE musubi-tuner's module name for the FLUX.2 LoRA; default: "
+                 "'networks.lora_flux_2'", "--save_every_n_epochs SAVE_EVERY_N_EPOCHS LoRA files "
+                 "<output_name>-<epoch:06d>.safetensors (not after the last epoch); default: 0",
+                 "--lr_scheduler LR_SCHEDULER the learning-rate schedule; default: 'constant' (one of: constant,",
+                 "--masked_loss, --no-masked_loss",
                  "--dataset_config DATASET_CONFIG", "--sdpa ignored:", "--max_data_loader_n_workers N ignored:"):
         assert text in out, text
     with pytest.raises(SystemExit):
