@@ -33,16 +33,22 @@ def _block_size(in_features: int, block_size: int) -> int:
     return block_size if in_features % block_size == 0 else in_features
 
 
-def quantize_rows_(rows: Tensor, values: Tensor, scale: Tensor) -> None:
+def quantize_rows_(rows: Tensor, values: Tensor, scale: Tensor, work: Tensor | None = None) -> None:
     """Quantise `rows` (r, in) into `values` (r, in) fp8 and `scale` (r, in / block, 1), both written in place;
-    the block size is in / scale.shape[1]. Float32 temporaries are those of `rows` only."""
+    the block size is in / scale.shape[1]. `work` is a float32 buffer of at least r * in elements to reuse
+    between chunks (one is made when not given): the only temporary of the size of the chunk."""
     r, in_features = rows.shape
-    blocks = rows.reshape(r, scale.shape[1], -1)
-    # Few passes over the chunk, in its own dtype where exact: max |w| per block (abs and max are exact in bf16),
-    # w / scale in float32, the cast to fp8. The quotient never exceeds 448 (scale = max / 448, rounding stays
-    # below the midpoint to the next fp8 value), so no clamp is needed before the cast.
-    block_scale = blocks.abs().amax(dim=-1, keepdim=True).to(torch.float32).clamp_(min=1e-8).div_(FP8_MAX)
-    values.copy_(torch.div(blocks, block_scale).reshape(r, in_features))
+    if work is None:
+        work = torch.empty(rows.numel(), dtype=torch.float32, device=rows.device)
+    blocks = work[:rows.numel()].view(r, scale.shape[1], -1)
+    # In float32 throughout, in a reused buffer: mixed bf16 / float32 arithmetic and freshly mapped temporaries
+    # cost 4x the work itself on a CPU. max |w| per block as max(max, -min): no |w| temporary. The quotient never
+    # exceeds 448 (scale = max / 448, rounding stays below the midpoint to the next fp8 value), so no clamp is
+    # needed before the cast.
+    blocks.copy_(rows.reshape(blocks.shape))
+    block_scale = torch.maximum(blocks.amax(dim=-1, keepdim=True), blocks.amin(dim=-1, keepdim=True).neg_())
+    block_scale.clamp_(min=1e-8).div_(FP8_MAX)
+    values.copy_(blocks.div_(block_scale).view(r, in_features))
     scale.copy_(block_scale)
 
 
@@ -57,9 +63,10 @@ def quantize_blockwise(weight: Tensor, block_size: int = 64) -> tuple[Tensor, Te
     scale = torch.empty((out_features, in_features // block_size, 1), device=weight.device,
                         dtype=weight.dtype if weight.is_floating_point() else torch.float32)
     step = rows_per_chunk(in_features, 1)
+    work = torch.empty(min(step, out_features) * in_features, dtype=torch.float32, device=weight.device)
     for start in range(0, out_features, step):
         stop = min(start + step, out_features)
-        quantize_rows_(weight[start:stop], values[start:stop], scale[start:stop])
+        quantize_rows_(weight[start:stop], values[start:stop], scale[start:stop], work)
     return values, scale
 
 
@@ -147,12 +154,16 @@ class Fp8Builder:
         block_size = _block_size(in_features, block_size)
         self.values = torch.empty((out_features, in_features), dtype=FP8_DTYPE, device=device)
         self.scale = torch.empty((out_features, in_features // block_size, 1), dtype=dtype, device=device)
+        self.work: Tensor | None = None  # float32 chunk buffer, reused by every add
 
     def add(self, start: int, rows: Tensor) -> None:
         stop = start + rows.shape[0]
-        quantize_rows_(rows, self.values[start:stop], self.scale[start:stop])
+        if self.work is None or self.work.numel() < rows.numel():
+            self.work = torch.empty(rows.numel(), dtype=torch.float32, device=rows.device)
+        quantize_rows_(rows, self.values[start:stop], self.scale[start:stop], self.work)
 
     def finish(self, bias: Tensor | None = None) -> Fp8Linear:
+        self.work = None
         return Fp8Linear.from_quantized(self.values, self.scale, bias)
 
 
