@@ -52,6 +52,22 @@ def storage_bytes(module: torch.nn.Module) -> int:
 # ------------------------------------------------------------------ chunked quantisation is exact
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_quantisation_is_its_definition(dtype):
+    """Block-wise fp8 as defined (scale = max |w| of 64 weights / 448, values = fp8(w / scale) in float32), bit
+    for bit, whatever buffers and reductions the fast path uses; an all-zero block too."""
+    from flux2.fp8 import quantize_blockwise
+
+    w = (torch.randn(130, 192, generator=torch.Generator().manual_seed(3)) * 0.05).to(dtype)
+    w[5, 64:128] = 0
+    values, scale = quantize_blockwise(w)
+    blocks = w.float().reshape(130, 3, 64)
+    expected_scale = blocks.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 448
+    assert torch.equal(values.view(torch.uint8), (blocks / expected_scale).reshape(130, 192).to(FP8_DTYPE)
+                       .view(torch.uint8))
+    assert torch.equal(scale, expected_scale.to(dtype))
+
+
 @pytest.mark.parametrize("shape", [(200, 192), (300, 100), (1, 64), (2048, 96)],
                          ids=["tiny-like", "in-not-a-block-multiple", "one-row", "many-chunks"])
 def test_chunked_quantisation_equals_bitsandbytes_whole_weight(shape, monkeypatch):
