@@ -310,8 +310,7 @@ def test_nf4_training_loss_falls_and_lora_is_the_usual_file(pipeline):
                  "--save_every_n_steps", "0", "--learning_rate", "0.006", "--log_every_n_steps", "50"]) == 0
     losses = [float(line.split(",")[1]) for line in (pipeline / "plots" / "train_loss.csv").read_text().splitlines()[1:]]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    print("MEASURE", first, last)
-    assert last < 0.9 * first, (first, last)  # measured: 1.37 -> 1.12 (the plain base: 1.33 -> 1.03 in 200 steps)
+    assert last < 0.9 * first, (first, last)  # measured: 1.37 -> 1.16 (first and last 10 of 50 steps)
     qlora = load_file(pipeline / "outputs" / "lora" / "lora.safetensors")
     assert all(k.startswith("lora_unet_") for k in qlora) and {v.dtype for v in qlora.values()} == {torch.float32}
     from flux2.lora import create_network
