@@ -260,7 +260,7 @@ def run_models(p: Params, base: Path, variant: Variant, lora_path: Path, loss_it
     """The base DiT, then the same DiT with the LoRA attached (as in training, on fp8 weights too): loss tables
     ({model: {split: items x timesteps}}) and sampled latents ({model: cases x seeds}) of each."""
     from flux2.generate import free
-    from flux2.loading import load_dit
+    from flux2.loading import load_frozen_dit
     from flux2.lora import apply_loras
     from flux2.loading import resolve_device, resolve_dtype
 
@@ -268,14 +268,10 @@ def run_models(p: Params, base: Path, variant: Variant, lora_path: Path, loss_it
     device = resolve_device(p.model.device)
     dtype = resolve_dtype(p.model.dtype, device, variant)
     settings = variant.sample_settings(steps=e.infer_steps, guidance=e.guidance_scale)
-    dit = load_dit(base / p.model.dit, variant, device="cpu" if p.model.blocks_to_swap else device, dtype=dtype,
-                   fp8_scaled=(p.model.fp8_base or p.model.fp8_scaled) and not p.model.fp8_matmul,
-                   quantize=p.model.quantize)
-    if p.model.fp8_matmul:
-        from flux2.fp8_matmul import apply_fp8_matmul
-
-        apply_fp8_matmul(dit, device)
-    dit.set_attention_backend(p.model.attention_backend)
+    m = p.model
+    dit = load_frozen_dit(base / m.dit, variant, device, dtype, load_device="cpu" if m.blocks_to_swap else None,
+                          fp8_scaled=m.fp8_base or m.fp8_scaled, quantize=m.quantize, fp8_matmul=m.fp8_matmul,
+                          attention_backend=m.attention_backend)
     if p.model.blocks_to_swap:
         from flux2.block_swap import enable_block_swap
 

@@ -33,13 +33,11 @@ def _block_size(in_features: int, block_size: int) -> int:
     return block_size if in_features % block_size == 0 else in_features
 
 
-def quantize_rows_(rows: Tensor, values: Tensor, scale: Tensor, work: Tensor | None = None) -> None:
+def quantize_rows_(rows: Tensor, values: Tensor, scale: Tensor, work: Tensor) -> None:
     """Quantise `rows` (r, in) into `values` (r, in) fp8 and `scale` (r, in / block, 1), both written in place;
-    the block size is in / scale.shape[1]. `work` is a float32 buffer of at least r * in elements to reuse
-    between chunks (one is made when not given): the only temporary of the size of the chunk."""
+    the block size is in / scale.shape[1]. `work` is a float32 buffer of at least r * in elements, reused
+    between chunks: the only temporary of the size of the chunk."""
     r, in_features = rows.shape
-    if work is None:
-        work = torch.empty(rows.numel(), dtype=torch.float32, device=rows.device)
     blocks = work[:rows.numel()].view(r, scale.shape[1], -1)
     # In float32 throughout, in a reused buffer: mixed bf16 / float32 arithmetic and freshly mapped temporaries
     # cost 4x the work itself on a CPU. max |w| per block as max(max, -min): no |w| temporary. The quotient never

@@ -337,7 +337,7 @@ def load_dit_for(opts: GenerateOptions, variant: Variant, device: torch.device, 
     merge_then_quantise = bool(opts.lora_weight) and merge and mode == "fp8"
     on_cpu = bool(opts.blocks_to_swap) or merge_then_quantise
     dit = load_dit(opts.dit, variant, device="cpu" if on_cpu else device, dtype=dtype,
-                   quantize="none" if merge_then_quantise or opts.fp8_matmul else mode)
+                   quantize="none" if merge_then_quantise else mode)
     if opts.fp8_matmul and not (opts.lora_weight and opts.lora_merge):
         apply_fp8_matmul(dit, device)  # before LoRA hooks attach to the Linears it replaces
     if opts.lora_weight:

@@ -334,6 +334,21 @@ def load_dit(path: str | os.PathLike, variant: Variant | str, device: str | torc
     return model.requires_grad_(False).eval()
 
 
+def load_frozen_dit(path: str | os.PathLike, variant: Variant | str, device: torch.device, dtype: torch.dtype,
+                    load_device: str | torch.device | None = None, fp8_scaled: bool = False, quantize: str = "none",
+                    fp8_matmul: bool = False, attention_backend: str = "auto") -> Flux2Transformer:
+    """The frozen DiT as training and evaluation run it: `load_dit` onto `load_device` (default `device`; the CPU
+    when the blocks are swapped or sharded afterwards) in its memory form, then its block Linears multiplying in
+    fp8 on `device` (`fp8_matmul`, which excludes the other quantisation modes) and the attention kernel."""
+    dit = load_dit(path, variant, device=device if load_device is None else load_device, dtype=dtype,
+                   fp8_scaled=fp8_scaled, quantize=quantize)
+    if fp8_matmul:
+        from flux2.fp8_matmul import apply_fp8_matmul
+
+        apply_fp8_matmul(dit, device)
+    dit.set_attention_backend(attention_backend)
+    return dit
+
 def _load_mapped(model: Flux2Transformer, path: str | os.PathLike, key_map: dict[str, str],
                  device: str | torch.device, dtype: torch.dtype) -> Flux2Transformer:
     """The unquantised load: tensors read through safetensors' memory map (zero-copy when nothing is cast)."""

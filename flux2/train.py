@@ -268,7 +268,7 @@ def setup(p: Params, base: Path) -> Training:
 
     from flux2.compile import compile_blocks
     from flux2.compile import resolve as resolve_compile
-    from flux2.loading import load_dit, resolve_device, resolve_dtype
+    from flux2.loading import load_frozen_dit, resolve_device, resolve_dtype
     from flux2.lora import create_network, param_groups
     from flux2.network_config import network_options
 
@@ -302,16 +302,12 @@ def setup(p: Params, base: Path) -> Training:
     steps_total = total_steps(p, data)
 
     on_cpu_first = p.model.blocks_to_swap or t_cfg.fsdp
-    dit = load_dit(base / p.model.dit, variant, device="cpu" if on_cpu_first else device, dtype=dtype,
-                   fp8_scaled=(p.model.fp8_base or p.model.fp8_scaled) and not p.model.fp8_matmul,
-                   quantize=p.model.quantize)
-    if p.model.fp8_matmul:
-        from flux2.fp8_matmul import apply_fp8_matmul
-
-        apply_fp8_matmul(dit, device)
+    m = p.model
+    dit = load_frozen_dit(base / m.dit, variant, device, dtype, load_device="cpu" if on_cpu_first else None,
+                          fp8_scaled=m.fp8_base or m.fp8_scaled, quantize=m.quantize, fp8_matmul=m.fp8_matmul,
+                          attention_backend=m.attention_backend)
     dit.gradient_checkpointing = t_cfg.gradient_checkpointing
     dit.checkpoint_blocks = t_cfg.gradient_checkpointing_blocks
-    dit.set_attention_backend(p.model.attention_backend)
     if t_cfg.fsdp:
         from flux2.sharding import shard_dit
 
