@@ -40,7 +40,7 @@ def quantize_rows_(rows: Tensor, values: Tensor, scale: Tensor, work: Tensor) ->
     r, in_features = rows.shape
     blocks = work[:rows.numel()].view(r, scale.shape[1], -1)
     # In float32 throughout, in a reused buffer: mixed bf16 / float32 arithmetic and freshly mapped temporaries
-    # cost 4x the work itself on a CPU. max |w| per block as max(max, -min): no |w| temporary. The quotient never
+    # were most of a CPU's time here (docs/performance.md). max |w| per block as max(max, -min): no |w| temporary. The quotient never
     # exceeds 448 (scale = max / 448, rounding stays below the midpoint to the next fp8 value), so no clamp is
     # needed before the cast.
     blocks.copy_(rows.reshape(blocks.shape))
