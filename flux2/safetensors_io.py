@@ -285,17 +285,26 @@ class TensorFile:
     (`read`) or a range of its rows at a time (`iter_rows`), so a loader that quantises weights as they arrive
     holds one chunk of the source at a time and none of the file's pages stay mapped in the process.
 
+    Each range read is dropped from the page cache behind the reader (POSIX_FADV_DONTNEED): a loader reads the
+    file once, and a page cache growing by the file's size cost more kernel CPU time than the quantisation it
+    feeds (measured in docs/performance.md: 5-14 s of system time to read klein-base-4b's 7.75 GB, 0.5-1.2 s
+    dropping behind), time the two then fight over on the same cores.
+
     Use as a context manager (it holds one open file descriptor)."""
 
     READ_LIMIT = 1 << 30  # bytes per read() call (Linux caps a single read near 2 GiB)
+    PREFETCH = 3  # chunks iter_rows reads ahead of its caller
+    READERS = 2  # threads reading them: two requests in flight keep a disk busier than one
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.header, self._data_offset = read_header(path)
         self.metadata: dict[str, str] = dict(self.header.get("__metadata__", {}))
         self._fd = os.open(self.path, os.O_RDONLY)
-        if hasattr(os, "posix_fadvise"):  # read-ahead for the sequential pass a loader makes
+        self._drop_behind = hasattr(os, "posix_fadvise")
+        if self._drop_behind:  # read-ahead for the sequential pass a loader makes
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        self._buffers: list[torch.Tensor] = []  # iter_rows' read buffers, reused for every tensor
 
     def __enter__(self) -> "TensorFile":
         return self
@@ -307,6 +316,7 @@ class TensorFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._buffers = []
 
     def keys(self) -> list[str]:
         return [k for k in self.header if k != "__metadata__"]
@@ -322,41 +332,56 @@ class TensorFile:
     def dtype(self, key: str) -> torch.dtype:
         return DTYPES[self._entry(key)["dtype"]]
 
-    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor `key` (or its rows [start, stop) along the first axis), in its stored dtype, on the CPU."""
+    def read(self, key: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor `key` (or its rows [start, stop) along the first axis), in its stored dtype, on the CPU: in
+        fresh memory, or in the front of `out` (a uint8 buffer at least as large)."""
         entry = self._entry(key)
         shape, dtype = list(entry["shape"]), DTYPES[entry["dtype"]]
-        row_bytes = math.prod(shape[1:]) * dtype.itemsize if shape else dtype.itemsize
         begin = self._data_offset + entry["data_offsets"][0]
         if rows is not None:
             start, stop = rows
             if not shape or not 0 <= start <= stop <= shape[0]:
                 raise ValueError(f"{self.path}: rows {rows} outside tensor {key!r} of shape {shape}")
-            begin += start * row_bytes
+            begin += start * math.prod(shape[1:]) * dtype.itemsize
             shape = [stop - start] + shape[1:]
         nbytes = math.prod(shape) * dtype.itemsize
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
+        if not nbytes:
+            return torch.empty(shape, dtype=dtype)
+        buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
+        view = memoryview(buf.numpy())
         done = 0
         while done < nbytes:
             n = os.preadv(self._fd, [view[done:done + self.READ_LIMIT]], begin + done)
             if n <= 0:
                 raise CheckpointError(f"{self.path} ended while reading tensor {key!r}; download it again")
             done += n
-        return buf.view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
+        if self._drop_behind:
+            os.posix_fadvise(self._fd, begin, nbytes, os.POSIX_FADV_DONTNEED)
+        return buf.view(dtype).reshape(shape)
 
-    def iter_rows(self, key: str, rows_per_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first row, rows) chunks of a tensor, in order; the next chunk is read while the caller works on one."""
+    def iter_rows(self, key: str, rows_per_chunk: int, keep: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, rows) chunks of a tensor, in order, read by READERS threads up to PREFETCH chunks ahead of
+        the caller.
+
+        A chunk is valid until the `keep`-th next one is asked for (by default: the next one): the chunks are read
+        into PREFETCH + keep buffers the file keeps and reuses for every tensor (fresh memory for each chunk cost
+        a page fault per 4 KB read)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        total = self.shape(key)[0]
-        starts = list(range(0, total, max(rows_per_chunk, 1)))
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self.read, key, (0, min(rows_per_chunk, total))) if starts else None
-            for i, start in enumerate(starts):
-                chunk = pending.result()
-                if i + 1 < len(starts):
-                    nxt = starts[i + 1]
-                    pending = pool.submit(self.read, key, (nxt, min(nxt + rows_per_chunk, total)))
+        shape = self.shape(key)
+        total, step = shape[0], max(rows_per_chunk, 1)
+        chunks = [(start, min(start + step, total)) for start in range(0, total, step)]
+        nbytes = math.prod(shape[1:]) * self.dtype(key).itemsize * min(step, total)
+        count = self.PREFETCH + max(keep, 1)
+        if len(self._buffers) < count or self._buffers[0].numel() < nbytes:
+            self._buffers = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(count)]
+        buffers = self._buffers[:count]
+        with ThreadPoolExecutor(max_workers=self.READERS) as pool:
+            pending = [pool.submit(self.read, key, rows, buffers[i]) for i, rows in enumerate(chunks[:self.PREFETCH])]
+            for i, (start, _) in enumerate(chunks):
+                chunk = pending.pop(0).result()
+                j = i + self.PREFETCH  # its buffer held chunk j - count = i - keep, which the caller is done with
+                if j < len(chunks):
+                    pending.append(pool.submit(self.read, key, chunks[j], buffers[j % len(buffers)]))
                 yield start, chunk
                 del chunk
