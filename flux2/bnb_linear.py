@@ -114,7 +114,8 @@ class Nf4Builder:
         self.packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device)
         self.absmax = torch.empty(math.ceil(n / NF4_BLOCK), dtype=torch.float32, device=device)
 
-    def add(self, start: int, rows: Tensor) -> None:
+    def add(self, start: int, rows: Tensor, work: Tensor | None = None) -> None:
+        """Quantise rows [start, start + len(rows)) (`work`, the fp8 builder's float32 buffer, is not needed)."""
         first = start * self.in_features
         if first % NF4_BLOCK:
             raise ValueError(f"NF4 chunks must start on a {NF4_BLOCK}-weight boundary (row {start} of "
@@ -140,7 +141,8 @@ class Int8Builder:
         self.cb = torch.empty((out_features, in_features), dtype=torch.int8, device=device)
         self.scb = torch.empty(out_features, dtype=torch.float32, device=device)
 
-    def add(self, start: int, rows: Tensor) -> None:
+    def add(self, start: int, rows: Tensor, work: Tensor | None = None) -> None:
+        """Quantise rows [start, start + len(rows)) (`work` is not needed, as for Nf4Builder)."""
         cb, scb, _ = bnbf.int8_vectorwise_quant(rows.contiguous())
         cb[scb == 0] = 0  # an all-zero row: 0 / 0 in bitsandbytes' scaling
         self.cb[start:start + rows.shape[0]] = cb

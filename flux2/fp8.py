@@ -40,9 +40,9 @@ def quantize_rows_(rows: Tensor, values: Tensor, scale: Tensor, work: Tensor) ->
     r, in_features = rows.shape
     blocks = work[:rows.numel()].view(r, scale.shape[1], -1)
     # In float32 throughout, in a reused buffer: mixed bf16 / float32 arithmetic and freshly mapped temporaries
-    # were most of a CPU's time here (docs/performance.md). max |w| per block as max(max, -min): no |w| temporary. The quotient never
-    # exceeds 448 (scale = max / 448, rounding stays below the midpoint to the next fp8 value), so no clamp is
-    # needed before the cast.
+    # were most of a CPU's time here (docs/performance.md). max |w| per block as max(max, -min): no |w|
+    # temporary. The quotient never exceeds 448 (scale = max / 448, rounding stays below the midpoint to the next
+    # fp8 value), so no clamp is needed before the cast.
     blocks.copy_(rows.reshape(blocks.shape))
     block_scale = torch.maximum(blocks.amax(dim=-1, keepdim=True), blocks.amin(dim=-1, keepdim=True).neg_())
     block_scale.clamp_(min=1e-8).div_(FP8_MAX)
@@ -152,13 +152,17 @@ class Fp8Builder:
         block_size = _block_size(in_features, block_size)
         self.values = torch.empty((out_features, in_features), dtype=FP8_DTYPE, device=device)
         self.scale = torch.empty((out_features, in_features // block_size, 1), dtype=dtype, device=device)
-        self.work: Tensor | None = None  # float32 chunk buffer, reused by every add
+        self.work: Tensor | None = None  # float32 chunk buffer of adds given none, reused by them
 
-    def add(self, start: int, rows: Tensor) -> None:
+    def add(self, start: int, rows: Tensor, work: Tensor | None = None) -> None:
+        """Quantise rows [start, start + len(rows)) in the float32 buffer `work` (of at least len(rows) * in
+        elements; none: the builder's own). Threads may add disjoint chunks at once, each with its own `work`."""
         stop = start + rows.shape[0]
-        if self.work is None or self.work.numel() < rows.numel():
-            self.work = torch.empty(rows.numel(), dtype=torch.float32, device=rows.device)
-        quantize_rows_(rows, self.values[start:stop], self.scale[start:stop], self.work)
+        if work is None or work.numel() < rows.numel():
+            if self.work is None or self.work.numel() < rows.numel():
+                self.work = torch.empty(rows.numel(), dtype=torch.float32, device=rows.device)
+            work = self.work
+        quantize_rows_(rows, self.values[start:stop], self.scale[start:stop], work)
 
     def finish(self, bias: Tensor | None = None) -> Fp8Linear:
         self.work = None

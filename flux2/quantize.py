@@ -10,8 +10,9 @@ The modes (`model.quantize`, `model.text_encoder_quantize`, `--quantize`, ...):
 | int8 | bitsandbytes LLM.int8 storage, row-wise absmax | 1 + 4 per row | flux2.bnb_linear.Int8Linear |
 
 `stream_linear` builds one quantised Linear from a file: it reads the weight a chunk of rows at a time with plain
-reads (flux2.safetensors_io.TensorFile, nothing memory-mapped) and quantises each chunk as it arrives, so loading
-holds the quantised model plus one chunk, never the model (or one whole weight) in bf16. `read_weight` copies a
+reads (flux2.safetensors_io.TensorFile, nothing memory-mapped, read ahead by two threads) and quantises each chunk
+as it arrives (on the CPU, one chunk per core at once: `work_buffers`), so loading holds the quantised model plus a
+few chunks, never the model (or one whole weight) in bf16. `read_weight` copies a
 tensor that stays unquantised into fresh memory, so the source file's pages are never part of the process.
 
 Pre-quantised files as users download them are read here too (`prequantized_layout`): ComfyUI's `scaled_fp8`
@@ -25,6 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+import queue
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -227,23 +231,81 @@ def dequantize_fp8_rows(rows: Tensor, scale: Tensor, start: int, dtype: torch.dt
 
 
 def stream_linear(file: TensorFile, key: str, mode: str, dtype: torch.dtype, device: torch.device | str,
-                  bias: Tensor | None = None, fp8_layer: Fp8Layer | None = None) -> nn.Module:
+                  bias: Tensor | None = None, fp8_layer: Fp8Layer | None = None,
+                  work: list[Tensor] | None = None) -> nn.Module:
     """The Linear whose weight is `key` in `file`, quantised in `mode` (not "none") chunk by chunk on `device`.
 
     Each chunk is cast to `dtype` first (the precision the model holds its weights in), so a bf16 file and its
     fp32 twin give the same result. A pre-quantised fp8 layer (`fp8_layer`) is dequantised per chunk, except in
-    fp8 mode, where its values and scale are kept exactly."""
+    fp8 mode, where its values and scale are kept exactly. `work`: float32 buffers of a chunk each
+    (work_buffers), one per thread quantising chunks at once (none: one chunk at a time, in this thread)."""
     out_features, in_features = file.shape(key)
     if fp8_layer is not None and mode == "fp8":
         scale = fp8_scale(file, fp8_layer, out_features, in_features)
         return Fp8Linear.from_quantized(file.read(key).to(device), scale.to(device), bias)
     build = builder(mode, out_features, in_features, dtype, device)
     scale = fp8_scale(file, fp8_layer, out_features, in_features) if fp8_layer is not None else None
-    for start, rows in file.iter_rows(key, rows_per_chunk(in_features)):
-        rows = rows.to(device)
-        build.add(start, rows.to(dtype) if scale is None else dequantize_fp8_rows(rows, scale, start, dtype))
-        del rows
+    step = rows_per_chunk(in_features)
+    if not work:
+        for start, rows in file.iter_rows(key, step):
+            rows = rows.to(device)
+            build.add(start, rows.to(dtype) if scale is None else dequantize_fp8_rows(rows, scale, start, dtype))
+        return build.finish(bias)
+
+    free = queue.SimpleQueue()  # the buffers not in use: never empty while at most len(work) chunks are in flight
+    for buffer in work:
+        free.put(buffer)
+
+    def add(start: int, rows: Tensor) -> None:
+        buffer = free.get()
+        try:
+            build.add(start, rows.to(dtype) if scale is None else dequantize_fp8_rows(rows, scale, start, dtype),
+                      buffer)
+        finally:
+            free.put(buffer)
+
+    workers = len(work)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        # A chunk stays valid until the (workers + 1)-th next one is asked for, and at most `workers` are being
+        # quantised when the next is asked for: the reader never refills a buffer still being quantised.
+        for start, rows in file.iter_rows(key, step, keep=workers + 1):
+            if len(pending) == workers:
+                pending.popleft().result()
+            pending.append(pool.submit(add, start, rows))
+        for future in pending:
+            future.result()
     return build.finish(bias)
+
+
+MAX_QUANTISING_THREADS = 4  # each holds a chunk and its float32 buffer (24 MB)
+
+
+def work_buffers(shapes: list[Shape], device: torch.device | str, workers: int | None = None) -> list[Tensor]:
+    """float32 buffers for quantising the (out, in) weights `shapes` chunk by chunk, one per thread that
+    quantises chunks at once: one per core torch would use on the CPU, up to MAX_QUANTISING_THREADS (each chunk's
+    operations then run on one core, with no lock-step between cores, which the threads reading the file would
+    otherwise stall); none on a GPU, whose kernels run asynchronously anyway (one chunk at a time). `workers`
+    overrides the count. Allocated once per load: fresh memory for each weight's buffer cost a page fault per 4 KB
+    written."""
+    if workers is None:
+        workers = min(torch.get_num_threads(), MAX_QUANTISING_THREADS) if torch.device(device).type == "cpu" else 0
+    if workers < 2 or not shapes:
+        return []
+    elements = max(min(rows_per_chunk(in_features), out_features) * in_features for out_features, in_features in shapes)
+    return [torch.empty(elements, dtype=torch.float32) for _ in range(workers)]
+
+
+@contextmanager
+def one_thread_per_op(enabled: bool = True):
+    """torch's operations on one thread while chunks are quantised in parallel threads (restored afterwards)."""
+    threads = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def read_weight(file: TensorFile, key: str, dtype: torch.dtype, device: torch.device | str,
@@ -324,10 +386,14 @@ def load_streaming(model: nn.Module, locate, quantized: set[str], mode: str, dty
     `locate(name)` gives the (TensorFile, key) holding the model tensor `name`; `names` orders the reads (default:
     the state_dict order); `fp8_layers` are the pre-quantised layers of the files (module path -> Fp8Layer)."""
     with loading_heap():
-        _load_streaming(model, locate, quantized, mode, dtype, device, fp8_layers or {}, names, desc)
+        shapes = [tuple(t.shape) for name, t in model.state_dict().items()
+                  if name.rpartition(".")[0] in quantized and name.endswith(".weight")]
+        work = work_buffers(shapes, device)
+        with one_thread_per_op(bool(work)):
+            _load_streaming(model, locate, quantized, mode, dtype, device, fp8_layers or {}, names, desc, work)
 
 
-def _load_streaming(model, locate, quantized, mode, dtype, device, fp8_layers, names, desc) -> None:
+def _load_streaming(model, locate, quantized, mode, dtype, device, fp8_layers, names, desc, work) -> None:
     from tqdm import tqdm
 
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -344,6 +410,7 @@ def _load_streaming(model, locate, quantized, mode, dtype, device, fp8_layers, n
                 bias = None
                 if f"{module_name}.bias" in state:
                     bias = read_weight(*locate(f"{module_name}.bias"), dtype, device)
-                set_module(model, module_name, stream_linear(*locate(name), mode, dtype, device, bias, fp8_layer))
+                set_module(model, module_name,
+                           stream_linear(*locate(name), mode, dtype, device, bias, fp8_layer, work))
             continue
         assign_tensor(model, name, read_weight(*locate(name), dtype, device, fp8_layer))

@@ -94,6 +94,53 @@ def test_chunked_quantisation_equals_bitsandbytes_whole_weight(shape, monkeypatc
         assert storage_bytes(module) == linear_bytes(mode, *shape), mode  # the memory table's formula is exact
 
 
+def _streamed_rows(f: TensorFile, key: str, rows_per_chunk: int) -> torch.Tensor:
+    rows = []
+    for start, chunk in f.iter_rows(key, rows_per_chunk):
+        assert start == sum(r.shape[0] for r in rows)
+        rows.append(chunk.clone())  # a chunk lives until the next one is read into its buffer
+    return torch.cat(rows)
+
+
+def test_streamed_rows_from_reused_buffers_are_the_tensors(tmp_path, monkeypatch):
+    """TensorFile.iter_rows reads ahead into buffers it reuses for every tensor, dropping what it read from the page
+    cache: the rows are the tensor's at any chunk size, across tensors of other widths and dtypes, on tmpfs too
+    (where the page cache is the file: dropping it must not lose it), and stream_linear from the file, one chunk
+    at a time or several in threads, equals quantising the tensor in memory (many chunks per weight here)."""
+    import os
+
+    import flux2.fp8
+    from flux2.quantize import stream_linear, work_buffers
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {"a.weight": torch.randn(301, 64, generator=g).to(torch.bfloat16),
+               "b.weight": torch.randn(97, 193, generator=g),
+               "c.weight": torch.randn(1000, 64, generator=g).to(torch.bfloat16)}
+    save_file(tensors, tmp_path / "w.safetensors")
+    with TensorFile(tmp_path / "w.safetensors") as f:
+        for key in ("a.weight", "b.weight", "c.weight", "a.weight"):
+            for step in (1, 7, 64, 5000):
+                assert torch.equal(_streamed_rows(f, key, step), tensors[key]), (key, step)
+        monkeypatch.setattr(flux2.fp8, "CHUNK_ELEMENTS", 64 * 64)
+        for mode in ("fp8", "nf4", "int8"):
+            in_memory = quantised(mode, tensors["c.weight"], torch.bfloat16).dequantized_weight(torch.float32)
+            for workers in (0, 1, 3):  # chunks quantised in parallel threads, as a load on the CPU does
+                work = work_buffers([(1000, 64)], "cpu", workers)
+                assert len(work) == (workers if workers > 1 else 0) and all(w.numel() == 64 * 64 for w in work)
+                streamed = stream_linear(f, "c.weight", mode, torch.bfloat16, "cpu", work=work)
+                assert torch.equal(streamed.dequantized_weight(torch.float32), in_memory), (mode, workers)
+
+    if Path("/dev/shm").is_dir():  # tmpfs
+        shm = Path("/dev/shm") / f"flux2-test-{os.getpid()}.safetensors"
+        try:
+            save_file(tensors, shm)
+            for _ in range(2):
+                with TensorFile(shm) as f:
+                    assert torch.equal(_streamed_rows(f, "c.weight", 33), tensors["c.weight"])
+        finally:
+            shm.unlink(missing_ok=True)
+
+
 def test_quantised_linear_gradients_and_merge():
     """Forward and input gradient equal F.linear on the dequantised weight; a merge re-quantises."""
     w = torch.randn(256, 128, generator=torch.Generator().manual_seed(1)) * 0.05
