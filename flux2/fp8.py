@@ -158,7 +158,7 @@ class Fp8Builder:
         """Quantise rows [start, start + len(rows)) in the float32 buffer `work` (of at least len(rows) * in
         elements; none: the builder's own). Threads may add disjoint chunks at once, each with its own `work`."""
         stop = start + rows.shape[0]
-        if work is None or work.numel() < rows.numel():
+        if work is None:
             if self.work is None or self.work.numel() < rows.numel():
                 self.work = torch.empty(rows.numel(), dtype=torch.float32, device=rows.device)
             work = self.work

@@ -246,21 +246,24 @@ def stream_linear(file: TensorFile, key: str, mode: str, dtype: torch.dtype, dev
     build = builder(mode, out_features, in_features, dtype, device)
     scale = fp8_scale(file, fp8_layer, out_features, in_features) if fp8_layer is not None else None
     step = rows_per_chunk(in_features)
+
+    def add(start: int, rows: Tensor, buffer: Tensor | None = None) -> None:
+        rows = rows.to(device)
+        build.add(start, rows.to(dtype) if scale is None else dequantize_fp8_rows(rows, scale, start, dtype), buffer)
+
     if not work:
         for start, rows in file.iter_rows(key, step):
-            rows = rows.to(device)
-            build.add(start, rows.to(dtype) if scale is None else dequantize_fp8_rows(rows, scale, start, dtype))
+            add(start, rows)
         return build.finish(bias)
 
     free = queue.SimpleQueue()  # the buffers not in use: never empty while at most len(work) chunks are in flight
     for buffer in work:
         free.put(buffer)
 
-    def add(start: int, rows: Tensor) -> None:
+    def add_in_a_free_buffer(start: int, rows: Tensor) -> None:
         buffer = free.get()
         try:
-            build.add(start, rows.to(dtype) if scale is None else dequantize_fp8_rows(rows, scale, start, dtype),
-                      buffer)
+            add(start, rows, buffer)
         finally:
             free.put(buffer)
 
@@ -272,7 +275,7 @@ def stream_linear(file: TensorFile, key: str, mode: str, dtype: torch.dtype, dev
         for start, rows in file.iter_rows(key, step, keep=workers + 1):
             if len(pending) == workers:
                 pending.popleft().result()
-            pending.append(pool.submit(add, start, rows))
+            pending.append(pool.submit(add_in_a_free_buffer, start, rows))
         for future in pending:
             future.result()
     return build.finish(bias)
@@ -385,18 +388,17 @@ def load_streaming(model: nn.Module, locate, quantized: set[str], mode: str, dty
 
     `locate(name)` gives the (TensorFile, key) holding the model tensor `name`; `names` orders the reads (default:
     the state_dict order); `fp8_layers` are the pre-quantised layers of the files (module path -> Fp8Layer)."""
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     with loading_heap():
-        shapes = [tuple(t.shape) for name, t in model.state_dict().items()
-                  if name.rpartition(".")[0] in quantized and name.endswith(".weight")]
-        work = work_buffers(shapes, device)
+        work = work_buffers([shapes[f"{m}.weight"] for m in quantized if f"{m}.weight" in shapes], device)
         with one_thread_per_op(bool(work)):
-            _load_streaming(model, locate, quantized, mode, dtype, device, fp8_layers or {}, names, desc, work)
+            _load_streaming(model, locate, quantized, mode, dtype, device, fp8_layers or {}, names, desc, shapes,
+                            work)
 
 
-def _load_streaming(model, locate, quantized, mode, dtype, device, fp8_layers, names, desc, work) -> None:
+def _load_streaming(model, locate, quantized, mode, dtype, device, fp8_layers, names, desc, shapes, work) -> None:
     from tqdm import tqdm
 
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     state = list(shapes)
     for name in tqdm(names or state, desc=desc, unit="tensor", leave=False, disable=None if desc else True):
         file, key = locate(name)
