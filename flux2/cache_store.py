@@ -44,6 +44,7 @@ from torch import Tensor
 from flux2.atomic import atomic_path, remove_temporaries
 from flux2.locks import LOCK_FILE, FolderLockedError, folder_lock  # noqa: F401  (LOCK_FILE re-exported)
 from flux2.safetensors_io import DTYPES, CheckpointError, read_header, save_file_atomic
+from flux2.user_files import one_line
 from flux2.variants import Variant, get_variant
 
 # Goes into every key: bump it when the layout of entries or the meaning of a key field changes.
@@ -110,7 +111,7 @@ def read_index(cache_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, s
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
-        raise CacheCorruptError(f"{path} cannot be read ({' '.join(str(e).split())}); rerun the caching stage to "
+        raise CacheCorruptError(f"{path} cannot be read ({one_line(e)}); rerun the caching stage to "
                                 "rebuild it") from None
     missing = [n for n in INDEX_SCHEMA.names if n not in table.column_names]
     raw = (table.schema.metadata or {}).get(META_KEY)
@@ -138,7 +139,8 @@ def write_mapping(path: str | Path, rows: list[dict[str, Any]], schema: pa.Schem
     through as different values)."""
     table = pa.Table.from_pylist(rows, schema=schema.with_metadata(
         {META_KEY: json.dumps(meta, sort_keys=True).encode()}))
-    table = table.replace_schema_metadata({**table.schema.metadata, ROWS_SHA_KEY: _rows_sha256(table).encode()})
+    table = table.replace_schema_metadata({**table.schema.metadata,
+                                           ROWS_SHA_KEY: _rows_sha256(table.to_pylist()).encode()})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
@@ -151,9 +153,10 @@ def read_mapping(path: str | Path, stage: str) -> list[dict[str, Any]]:
         raise CacheError(f"{path} not found; run {stage} (dvc repro {stage})")
     try:
         table = pq.read_table(path)
-        rows, digest = table.to_pylist(), _rows_sha256(table)
+        rows = table.to_pylist()
+        digest = _rows_sha256(rows)
     except (pa.ArrowException, OSError, ValueError, TypeError) as e:  # a flipped bit may break the UTF-8 or a type
-        raise CacheCorruptError(f"{path} cannot be read ({' '.join(str(e).split())}); rerun {stage} to rebuild "
+        raise CacheCorruptError(f"{path} cannot be read ({one_line(e)}); rerun {stage} to rebuild "
                                 "it") from None
     expected = (table.schema.metadata or {}).get(ROWS_SHA_KEY)
     if expected is not None and expected.decode(errors="replace") != digest:
@@ -162,8 +165,8 @@ def read_mapping(path: str | Path, stage: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _rows_sha256(table: pa.Table) -> str:
-    return hashlib.sha256(json.dumps(table.to_pylist(), sort_keys=True).encode()).hexdigest()
+def _rows_sha256(rows: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -710,7 +713,7 @@ def add_to_store(cache_dir: Path, store: Path, kind: str, shards: set[str]) -> N
         print(f"note: shared cache store not used: cannot create {folder} ({e.strerror or e})")
         return
     for shard in sorted(shards):
-        if not (folder / Path(shard).name).exists() and not _link(cache_dir / shard, folder / Path(shard).name):
+        if not _link(cache_dir / shard, folder / Path(shard).name):
             return
 
 

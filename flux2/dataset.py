@@ -32,6 +32,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", 
 # development.
 UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".svg", ".psd",
                                           ".tga", ".ico", ".exr", ".dng", ".cr2", ".nef", ".arw"})
+LISTED_EXTENSIONS = IMAGE_EXTENSIONS | UNSUPPORTED_IMAGE_EXTENSIONS  # the files a folder's listing looks at
 MANIFEST_EXTENSIONS = (".jsonl", ".csv", ".parquet")
 MAX_MANIFEST_BYTES = 2_000_000_000  # a JSONL / CSV manifest is read whole: ~10 million rows
 MAX_CONFIG_BYTES = 10_000_000
@@ -214,7 +215,7 @@ def _list_folder(source: SourceParams, index: int) -> list[Entry]:
     for p in sorted(folder.iterdir()):
         # Hidden files are skipped: macOS "._name.jpg" resource forks are not images.
         suffix = p.suffix.lower()
-        if suffix not in IMAGE_EXTENSIONS | UNSUPPORTED_IMAGE_EXTENSIONS or p.name.startswith(".") or p.is_dir():
+        if suffix not in LISTED_EXTENSIONS or p.name.startswith(".") or p.is_dir():
             continue
         entry = Entry(index, p, caption_file=folder / f"{p.stem}{source.caption_extension}")
         if suffix in UNSUPPORTED_IMAGE_EXTENSIONS:

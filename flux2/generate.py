@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from flux2 import images, sampling
 from flux2.autoencoder import check_image_size
+from flux2.buckets import fit_area
 from flux2.loading import resolve_device, resolve_dtype
 from flux2.variants import Variant, get_variant
 
@@ -110,7 +111,7 @@ def prepare_control_images(paths: list[str], no_resize: bool, multiple: int = 16
         if min(im.size) < MIN_REF_SIDE or max(im.size) > MAX_REF_ASPECT * min(im.size):
             raise ValueError(f"{p}: reference image {im.width}x{im.height} must have both sides at least "
                              f"{MIN_REF_SIDE} px and an aspect ratio of at most {MAX_REF_ASPECT}:1")
-        w, h = images.fit_area(im.width, im.height, limit, multiple)
+        w, h = fit_area(im.width, im.height, limit, multiple)
         out.append(images.to_tensor(images.resize_cover_crop(im, w, h))[None])
     return out
 

@@ -7,7 +7,6 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from flux2.buckets import fit_area  # noqa: F401  (re-exported: generate sizes references with it)
 from flux2.user_files import UserFileError, open_regular
 
 # Refuse decompression bombs early, with our own message (see open_rgb).

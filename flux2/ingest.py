@@ -225,8 +225,8 @@ def check_entry(entry: Entry, source: SourceParams, dataset: DatasetParams, base
     if entry.problem:
         raise Rejected(*entry.problem)
     for path in (entry.image, *entry.controls):
-        if utf8_problem(path):
-            raise Rejected("bad_file_name", utf8_problem(path))
+        if problem := utf8_problem(path):
+            raise Rejected("bad_file_name", problem)
     width, height, sha = check_image(entry.image, dataset.min_side, dataset.max_pixels)
     caption = read_caption(entry)
     controls = [check_control(p, dataset.max_pixels, base) for p in entry.controls]

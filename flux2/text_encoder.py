@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from flux2.quantize import check_mode, load_streaming
 from flux2.safetensors_io import TensorFile, read_header
-from flux2.user_files import read_json
+from flux2.user_files import one_line, read_json
 from flux2.variants import TextEncoderConfig, Variant
 
 # Goes into cache keys: bump it whenever the templates or the tokenisation below change.
@@ -306,7 +306,7 @@ def load_tokenizer(folder: Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:  # tokenizers / transformers raise plain Exceptions and OSErrors naming no file
-        raise ValueError(f"{folder}: the tokenizer cannot be loaded ({' '.join(str(e).split())}); copy the "
+        raise ValueError(f"{folder}: the tokenizer cannot be loaded ({one_line(e)}); copy the "
                          "tokenizer files of the model again") from None
     legacy = folder / "chat_template.json"
     if getattr(tok, "chat_template", None) is None and legacy.is_file():
@@ -425,7 +425,7 @@ def _read_config(weight_dir: Path, variant: Variant):
         text_config = AutoConfig.from_pretrained(str(weight_dir)).get_text_config()
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"{weight_dir / 'config.json'}: not a usable text encoder config "
-                         f"({' '.join(str(e).split())})") from None
+                         f"({one_line(e)})") from None
     if _kind_of_config(text_config) != variant.text_encoder:
         raise ValueError(f"{weight_dir / 'config.json'} describes a {text_config.model_type!r} model, but "
                          f"--model_version {variant.name} needs {KIND_NAMES[variant.text_encoder]}")

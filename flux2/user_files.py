@@ -79,7 +79,7 @@ def read_json(path: str | os.PathLike, limit: int, what: str, expect: type = dic
     try:
         value = json.loads(read_limited(path, limit, what).decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise UserFileError(f"{path}: {what} is not valid JSON ({_one_line(e)}); the file is damaged or "
+        raise UserFileError(f"{path}: {what} is not valid JSON ({one_line(e)}); the file is damaged or "
                             "truncated: copy it again") from None
     if not isinstance(value, expect):
         raise UserFileError(f"{path}: {what} must be a JSON {'object' if expect is dict else expect.__name__}, "
@@ -127,5 +127,6 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
+    """An exception's message on one line (for an error that quotes it)."""
     return " ".join(str(e).split())

@@ -3,6 +3,7 @@ import torch
 from PIL import Image
 
 from flux2 import images
+from flux2.buckets import fit_area
 
 
 def test_tensor_pil_round_trip_is_exact():
@@ -21,5 +22,5 @@ def test_resize_cover_crop_and_fit_area():
     im = Image.new("RGB", (300, 100), (10, 20, 30))
     out = images.resize_cover_crop(im, 64, 64)
     assert out.size == (64, 64) and out.getpixel((32, 32)) == (10, 20, 30)
-    assert images.fit_area(3000, 1000, 1024 * 1024) == (1760, 576)
-    assert images.fit_area(100, 70, None) == (96, 64)
+    assert fit_area(3000, 1000, 1024 * 1024) == (1760, 576)
+    assert fit_area(100, 70, None) == (96, 64)
