@@ -196,7 +196,6 @@ class Training:
     warning: str | None
     warm_start: WarmStart | None = None  # the LoRA file the run started from (train.network_weights)
     ema: EMA | None = None  # the EMA of the LoRA weights (train.ema_decay)
-    param_groups: list[dict] = field(default_factory=list)  # per-block rates and LoRA+ (lora.param_groups)
 
 
 @dataclass
@@ -208,7 +207,7 @@ class QueuedStep:
     values: torch.Tensor
     start: float  # time.perf_counter() when it began and when its work was queued
     end: float
-    items: int = 0  # samples in the step over all processes (sources may have batch sizes of their own)
+    items: int  # samples in the step over all processes (sources may have batch sizes of their own)
 
 
 @dataclass
@@ -343,8 +342,7 @@ def setup(p: Params, base: Path) -> Training:
               f"{steps_total} steps ({steps_total / data.batches_per_epoch:g} epochs), {world} process(es), "
               f"device {device}" + (f"; EMA decay {ema.decay:g} ({ema.nbytes / 2**20:.1f} MiB)" if ema else ""))
     return Training(p, base, variant, device, dtype, rank, world, main, data, manifest, fingerprint, steps_total,
-                    dit, network, params, optimizer, base / t_cfg.checkpoint_dir / fingerprint, warning, warm, ema,
-                    groups)
+                    dit, network, params, optimizer, base / t_cfg.checkpoint_dir / fingerprint, warning, warm, ema)
 
 
 def check_inputs(p: Params, main: bool) -> None:
@@ -537,7 +535,7 @@ def read_steps(tr: Training, prog: Progress, keep: int = 0) -> None:
             prog.history.append((done, loss, queued.lr))
             if done % t_cfg.log_every_n_steps == 0:
                 prog.run.log_metrics({"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "step_time_s": elapsed,
-                                      "samples_per_s": (queued.items or tr.data.global_batch) / elapsed,
+                                      "samples_per_s": queued.items / elapsed,
                                       "peak_memory_gib": peak_memory_gib(tr.device)}, done)
 
 

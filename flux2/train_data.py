@@ -105,18 +105,12 @@ class TrainData:
         if not self.items:
             raise CacheError(f"{manifest} has no training items (all in the hold-out split?): lower "
                              f"eval.holdout_fraction or add images")
-        self.batch_size = batch_size
         self.world_size = world_size
         self.accumulation = accumulation
         self.seed = seed
         self.caption_dropout_rate = caption_dropout_rate
         self._epoch: tuple[int, list[list[int]]] | None = None
         self.batches_per_epoch = len(self.epoch_batches(0))
-
-    @property
-    def global_batch(self) -> int:
-        """Items per optimizer step, over all processes and accumulated micro-batches (at train.batch_size)."""
-        return self.batch_size * self.world_size * self.accumulation
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """Global batches (lists of item indices) of one epoch, one per optimizer step, in order."""
@@ -149,6 +143,7 @@ class TrainData:
         mine = global_items[lo : lo + size]
         latents, ctx, noise, normal, uniform, masks = [], [], [], [], [], []
         controls: list[list[Tensor]] = [[] for _ in self.items[mine[0]].control_keys]
+        masked = any(self.items[i].mask_key for i in mine)  # a batch without masks carries none
         for j, item_index in enumerate(mine):
             item = self.items[item_index]
             g = torch.Generator().manual_seed(mix_seed(self.seed, step, lo + j))
@@ -161,8 +156,8 @@ class TrainData:
             ctx.append(self.text.get(self.empty_key if drop else item.caption_key))
             for k, key in enumerate(item.control_keys):
                 controls[k].append(self.latents.get(key).float())
-            masks.append(self.latents.get(item.mask_key).float() if item.mask_key else torch.ones(1, *x0.shape[1:]))
-        masked = any(self.items[i].mask_key for i in mine)
+            if masked:
+                masks.append(self.latents.get(item.mask_key).float() if item.mask_key else torch.ones(1, *x0.shape[1:]))
         return Batch(torch.stack(latents), torch.stack(ctx), [torch.stack(c) for c in controls], torch.stack(noise),
                      torch.stack(normal), torch.stack(uniform), [self.items[i].id for i in mine],
                      torch.stack(masks) if masked else None)
