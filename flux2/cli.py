@@ -391,14 +391,18 @@ def params_with_overrides(args: argparse.Namespace):
         raise ParamsError(f"{path}: not found; pass --params PATH" + (
             "" if dataset_config or getattr(args, "command", "") != "train" else
             ", or --dataset_config TOML with the model options (--model_version --dit --vae --text_encoder)"))
+
+    def settings(group: str) -> dict:
+        if not isinstance(data.setdefault(group, {}), dict):
+            raise ParamsError(f"{path}: {group}: expected a mapping of settings, got {data[group]!r}")
+        return data[group]
+
     if dataset_config:
-        data.setdefault("dataset", {}).update(toml=str(Path(dataset_config).absolute()), sources=[])
+        settings("dataset").update(toml=str(Path(dataset_config).absolute()), sources=[])
     for dest, value in vars(args).items():
         if "." in dest:
             group, key = dest.split(".", 1)
-            if not isinstance(data.setdefault(group, {}), dict):
-                raise ParamsError(f"{path}: {group}: expected a mapping of settings, got {data[group]!r}")
-            data[group][key] = value
+            settings(group)[key] = value
     params = parse_params(data, str(path))
     check_model_paths(params, path.parent, str(path))
     return params, path.parent

@@ -266,11 +266,12 @@ def evaluation_run(uri: str, experiment: str, train_run_id: str, digest: str, pa
     the baseline's LoRA. Then it is a run of its own, a child of the training run (`mlflow.parentRunId`), found
     again by its digest; an experiment never writes into another's record."""
     run = Run(uri, experiment, run_id=train_run_id)
-    tags = run.client.get_run(train_run_id).data.tags
+    train_run = run.client.get_run(train_run_id)
+    tags = train_run.data.tags
     if tags.get("flux2.eval_digest", digest) == digest:
         run.set_tags({"flux2.eval_digest": digest})
         return run
-    exp = run.client.get_run(train_run_id).info.experiment_id
+    exp = train_run.info.experiment_id
     same = run.client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{train_run_id}' and "
                                                        f"tags.`flux2.eval_digest` = '{digest}'", max_results=1)
     if same:

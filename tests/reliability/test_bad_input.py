@@ -170,6 +170,17 @@ def test_a_broken_params_file_is_one_line_from_every_stage(project, capsys, monk
     assert not (project / "pwned").exists()
 
 
+def test_a_dataset_group_that_is_not_a_mapping_beside_a_dataset_config_is_one_line(project, capsys, monkeypatch):
+    import yaml
+
+    params = project / "params.yaml"
+    params.write_text(yaml.safe_dump({**yaml.safe_load(params.read_text()), "dataset": 5}))
+    (project / "data.toml").write_text("[general]\nresolution = [64, 64]\n")
+    monkeypatch.chdir(project)
+    assert main(["train", "--params", "params.yaml", "--dataset_config", "data.toml"]) == 2
+    assert re.search(r"params\.yaml: dataset: expected a mapping", one_line_error(capsys.readouterr().err))
+
+
 def write_trap_module(folder: Path) -> Path:
     """A module whose import leaves a marker file: proof that optimizer_type imported it."""
     marker = folder / "imported"
