@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -130,7 +129,7 @@ class Row:
         return row
 
 
-def build_flux2(row: Row, v, sd, rank: int, device, dtype, backend: str | None):
+def build_flux2(row: Row, v, sd, rank: int, device, backend: str | None):
     import torch
 
     from flux2.compile import compile_blocks, resolve
@@ -212,7 +211,7 @@ def compile_with_sac(dit, backend: str | None, policy_name: str) -> None:
             block.forward = types.MethodType(compiled, block)
 
 
-def build_diffusers(row: Row, v, sd, rank: int, device, dtype, backend: str | None):
+def build_diffusers(row: Row, v, sd, rank: int, device, backend: str | None):
     import torch
     from peft import LoraConfig
 
@@ -400,9 +399,9 @@ def main(argv=None) -> list[dict]:
     built = {}
     for row in rows:
         build = build_flux2 if row.impl == "flux2" else build_diffusers
-        start, start_cpu = time.perf_counter(), time.process_time()
-        row.step, *built[row.name] = build(row, v, sd, args.rank, device, dtype, args.backend)
-        row.build_s, row.build_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
+        start = time.perf_counter()
+        row.step, *built[row.name] = build(row, v, sd, args.rank, device, args.backend)
+        row.build_s = time.perf_counter() - start
     del sd
     if cuda:
         torch.cuda.empty_cache()

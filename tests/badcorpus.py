@@ -11,7 +11,7 @@
                      the wrong size
 
 and returns {file name: expected reason code, or None for an item that must be used}. Images are 64-96 px
-(dataset.min_side's default is 64); `bad_corpus_sources(dir)` gives the two sources at resolution 64.
+(dataset.min_side's default is 64); `bad_corpus_sources(dir)` gives the three sources at resolution 64.
 """
 from __future__ import annotations
 

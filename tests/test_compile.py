@@ -19,6 +19,7 @@ from flux2.compile import compile_blocks, is_compiled, uncompile_blocks
 from flux2.lora import create_network
 from flux2.model import Flux2Transformer
 from flux2.variants import VARIANTS
+from tests.test_model import rel_err
 
 TINY = VARIANTS["tiny"]
 REL = 1e-5
@@ -70,10 +71,6 @@ def step(dit, network, seed: int):
     return out.detach(), grads
 
 
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.fixture(scope="module")
 def compiled():
     """The tiny DiT with a LoRA, its eager results for three steps, then compiled (graphs recorded) and run the same
@@ -95,8 +92,8 @@ def test_compiled_steps_match_eager_with_gradient_checkpointing(compiled):
     assert is_compiled(dit) and dit.gradient_checkpointing
     assert all(block.in_graph_checkpoint for block in [*dit.double_blocks, *dit.single_blocks])  # inside the graph
     for (out_e, grads_e), (out_c, grads_c) in zip(compiled["eager"], compiled["results"]):
-        assert rel(out_c, out_e) < REL
-        assert all(rel(c, e) < REL for c, e in zip(grads_c, grads_e))
+        assert rel_err(out_c, out_e) < REL
+        assert all(rel_err(c, e) < REL for c, e in zip(grads_c, grads_e))
 
 
 def test_one_graph_cache_per_block_kind_and_no_recompiles_between_steps(compiled):
@@ -123,7 +120,7 @@ def test_block_swap_hooks_stay_outside_the_compiled_forward():
     for seed in (0, 1):
         out_c, grads_c = step(dit, network, seed)
         out_e, grads_e = step(reference, ref_net, seed)
-        assert rel(out_c, out_e) < REL and all(rel(c, e) < REL for c, e in zip(grads_c, grads_e))
+        assert rel_err(out_c, out_e) < REL and all(rel_err(c, e) < REL for c, e in zip(grads_c, grads_e))
     assert swap.installed == {}
 
 

@@ -22,12 +22,9 @@ from flux2.fp8_matmul import Fp8MatmulLinear, use_fp8_matmuls
 from flux2.lora import LoRAModule, add_to_weight
 from flux2.model import Flux2Transformer
 from flux2.variants import VARIANTS
+from tests.test_quantize import rel
 
 PRODUCT_REL, BLOCK_REL, BLOCK_GRAD_REL = 0.05, 0.01, 0.02
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def test_one_product_and_its_input_gradient():
