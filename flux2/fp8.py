@@ -50,16 +50,19 @@ def quantize_rows_(rows: Tensor, values: Tensor, scale: Tensor, work: Tensor) ->
     scale.copy_(block_scale)
 
 
-def quantize_blockwise(weight: Tensor, block_size: int = 64) -> tuple[Tensor, Tensor]:
-    """(out, in) weight -> fp8 values (out, in) and scales (out, in / block, 1) in the weight's dtype.
+def quantize_blockwise(weight: Tensor, block_size: int = 64,
+                       scale_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """(out, in) weight -> fp8 values (out, in) and scales (out, in / block, 1) in `scale_dtype` (default: the
+    weight's dtype).
 
     When `in` is not a multiple of `block_size`, one scale per row is used instead. Works a chunk of rows at a
     time (see the module docstring)."""
     out_features, in_features = weight.shape
     block_size = _block_size(in_features, block_size)
     values = torch.empty((out_features, in_features), dtype=FP8_DTYPE, device=weight.device)
-    scale = torch.empty((out_features, in_features // block_size, 1), device=weight.device,
-                        dtype=weight.dtype if weight.is_floating_point() else torch.float32)
+    if scale_dtype is None:
+        scale_dtype = weight.dtype if weight.is_floating_point() else torch.float32
+    scale = torch.empty((out_features, in_features // block_size, 1), device=weight.device, dtype=scale_dtype)
     step = rows_per_chunk(in_features, 1)
     work = torch.empty(min(step, out_features) * in_features, dtype=torch.float32, device=weight.device)
     for start in range(0, out_features, step):
@@ -103,9 +106,10 @@ def frozen_linear(x: Tensor, dequantize: Callable[[torch.dtype], Tensor], bias: 
 class Fp8Linear(nn.Module):
     """A frozen Linear whose weight is stored block-wise in fp8 (`weight`) with `scale_weight`."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, block_size: int = 64):
+    def __init__(self, weight: Tensor, bias: Tensor | None, block_size: int = 64,
+                 scale_dtype: torch.dtype | None = None):
         super().__init__()
-        values, scale = quantize_blockwise(weight.detach(), block_size)
+        values, scale = quantize_blockwise(weight.detach(), block_size, scale_dtype)
         self._store(values, scale, bias)
 
     @classmethod

@@ -74,7 +74,7 @@ class Fp8MatmulLinear(Fp8Linear):
     An Fp8Linear (block size = the row), so LoRA attaches to it and merges into it as into any fp8 Linear."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
-        super().__init__(weight.detach().float(), bias, block_size=weight.shape[1])
+        super().__init__(weight, bias, block_size=weight.shape[1], scale_dtype=torch.float32)
 
     def forward(self, x: Tensor) -> Tensor:
         out = _Fp8Product.apply(x, self.weight, self.scale_weight.view(1, -1), product_dtype(x))
@@ -86,8 +86,8 @@ class Fp8MatmulLinear(Fp8Linear):
 
 def use_fp8_matmuls(model: nn.Module, predicate: Callable[[str, nn.Module], bool]) -> int:
     """Replace, in place, every nn.Linear of `model` for which predicate(dotted_name, module) holds by an
-    Fp8MatmulLinear, on the Linear's device (one layer at a time, so at most one float32 copy exists). Returns
-    how many were replaced."""
+    Fp8MatmulLinear, on the Linear's device (quantised a chunk of rows at a time: no float32 copy of a layer).
+    Returns how many were replaced."""
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and predicate(name, m)]
     for name, linear in targets:
         model.set_submodule(name, Fp8MatmulLinear(linear.weight, linear.bias))
