@@ -44,7 +44,7 @@ def storage_bytes(module: torch.nn.Module) -> int:
     tensors = [w.data, getattr(module, "scale_weight", None), getattr(w, "SCB", None)]
     state = getattr(w, "quant_state", None)
     if state is not None:
-        tensors += [state.absmax, state.code, state.offset, state.state2.absmax]
+        tensors += [state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
                 if t is not None}.values())
 
