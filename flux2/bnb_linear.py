@@ -125,13 +125,16 @@ class Nf4Builder:
         self.packed[first // 2:first // 2 + packed.shape[0]] = packed
         self.absmax[first // NF4_BLOCK:first // NF4_BLOCK + state.absmax.numel()] = state.absmax
 
-    def finish(self, bias: Tensor | None = None) -> Nf4Linear:
+    def quant_state(self) -> bnbf.QuantState:
+        """The double-quantised state of the absmaxes added so far (all chunks must be in)."""
         offset = self.absmax.mean()
         nested, nested_state = bnbf.quantize_blockwise(self.absmax - offset, blocksize=NF4_NESTED_BLOCK)
-        state = bnbf.QuantState(absmax=nested, shape=self.shape, dtype=self.dtype, blocksize=NF4_BLOCK,
-                                code=bnbf.get_4bit_type("nf4", device=self.packed.device), quant_type="nf4",
-                                offset=offset, state2=nested_state)
-        return Nf4Linear(self.packed, state, bias)
+        return bnbf.QuantState(absmax=nested, shape=self.shape, dtype=self.dtype, blocksize=NF4_BLOCK,
+                               code=bnbf.get_4bit_type("nf4", device=self.packed.device), quant_type="nf4",
+                               offset=offset, state2=nested_state)
+
+    def finish(self, bias: Tensor | None = None) -> Nf4Linear:
+        return Nf4Linear(self.packed, self.quant_state(), bias)
 
 
 class Int8Builder:
@@ -153,12 +156,12 @@ class Int8Builder:
 
 
 def nf4_bytes(out_features: int, in_features: int) -> int:
-    """Resident bytes of an Nf4Linear's weight and quantisation state (no bias; the 256-entry nested code
-    table is bitsandbytes' one shared tensor and not counted)."""
+    """Resident bytes of an Nf4Linear's weight and quantisation state (no bias)."""
     n = out_features * in_features
     blocks = math.ceil(n / NF4_BLOCK)
     # packed values + uint8 absmaxes + float32 nested absmaxes + float32 offset + the 16-entry float32 NF4 code
-    return (n + 1) // 2 + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) + 4 + 16 * 4
+    # + the 256-entry float32 code of the nested absmaxes (bitsandbytes gives every layer its own copy)
+    return (n + 1) // 2 + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) + 4 + 16 * 4 + 256 * 4
 
 
 def int8_bytes(out_features: int, in_features: int) -> int:
