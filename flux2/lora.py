@@ -145,7 +145,7 @@ class LoRAModule(AdapterModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """The update multiplier * scale * up(down(x)), in the LoRA's dtype."""
-        h = self.lora_down(x.to(self.lora_down.weight.dtype))
+        h = self.lora_down(adapter_input(x, self.lora_down.weight.dtype))
         scale = self.multiplier * self.scale
         if self.training and self.dropout:
             h = F.dropout(h, p=self.dropout)
@@ -160,6 +160,13 @@ class LoRAModule(AdapterModule):
 
     def up_parameters(self) -> list[nn.Parameter]:
         return [self.lora_up.weight]
+
+
+def adapter_input(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """`x` for an adapter's products in `dtype`: as it is under autocast, whose products cast it themselves (a
+    float32 copy of a bf16 activation first, cast back by autocast, would give the same result and cost a float32
+    copy of every adapted Linear's input: the largest transient of a checkpointed block), else in `dtype`."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
 
 
 def linear_modules(dit: nn.Module) -> dict[str, nn.Module]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flux2.lora import AdapterModule
+from flux2.lora import AdapterModule, adapter_input
 from flux2.lora_formats import LoHaWeights, LoKrWeights
 
 
@@ -124,7 +124,7 @@ class LoKrModule(AdapterModule):
     def forward(self, x: Tensor) -> Tensor:
         """The update multiplier * scale * kron(w1, w2) x, computed factor by factor in the module's dtype."""
         w1 = self._w1()
-        x = x.to(w1.dtype)
+        x = adapter_input(x, w1.dtype)
         h = x.reshape(*x.shape[:-1], w1.shape[1], -1)  # (..., in_m, in_n)
         if hasattr(self, "lokr_w2"):
             h = h @ self.lokr_w2.T
@@ -182,7 +182,7 @@ class LoHaModule(AdapterModule):
     def forward(self, x: Tensor) -> Tensor:
         """The update, through the delta weight built in the module's dtype."""
         delta = (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
-        y = F.linear(x.to(delta.dtype), delta)
+        y = F.linear(adapter_input(x, delta.dtype), delta)
         return _dropped(y, self.multiplier * self.scale, self.rank_dropout, self.training)
 
     def weights(self) -> LoHaWeights:

@@ -173,6 +173,43 @@ def test_bf16_base_with_fp32_lora():
     assert out.dtype == torch.bfloat16 and rel_err(out.float(), reference) < 3e-2
 
 
+@pytest.mark.parametrize("network_type", ["lora", "lokr", "loha"])
+def test_adapters_under_autocast_make_no_float32_copy_of_their_input(network_type):
+    """Under bf16 autocast an adapter's products run in bf16 whatever its weights' dtype, so it computes on the
+    bf16 input as it is: the same update, bit for bit, as casting the input to float32 first (which autocast
+    casts back), without the float32 copy of every adapted Linear's input."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from flux2.network_config import NetworkOptions
+
+    network = create_network(random_dit(), 4, 4, options=NetworkOptions(network_type=network_type, factor=4))
+    module = network.lora_modules[0]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.1)
+    x = torch.randn(2, 16, module.in_features, dtype=torch.bfloat16)
+
+    class Float32Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == x.shape:
+                self.shapes.append(func)
+            return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with Float32Copies() as copies:
+            update = module(x)
+        expected = module(x.float())  # what the adapters computed before: the input cast to float32 first
+    assert copies.shapes == [] and update.dtype == torch.bfloat16
+    assert torch.equal(update, expected)
+    assert module(x).dtype == torch.float32  # without autocast: in the adapter's dtype, as before
+
+
 def test_fp8_dit_merged_close_to_hooked():
     dit = random_dit()
     quantize_linears(dit, dit_block_linear)
