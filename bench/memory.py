@@ -561,7 +561,7 @@ class RandomSource:
             shape = (rows[1] - rows[0],) + tuple(shape[1:])
         return (torch.randn(shape, device=self.device) * 0.02).to(torch.bfloat16)
 
-    def iter_rows(self, key, rows_per_chunk):
+    def iter_rows(self, key, rows_per_chunk, keep=1):  # each chunk is fresh memory: valid as long as it is held
         total = self.shapes[key][0]
         for start in range(0, total, rows_per_chunk):
             yield start, self.read(key, (start, min(start + rows_per_chunk, total)))
