@@ -7,7 +7,8 @@
 #   bash bench/gpu_suite.sh [--out DIR]     # on the GPU machine: DIR/rows.json, DIR/table.md (for docs/performance.md)
 #   bash bench/gpu_suite.sh --dry-run       # anywhere: the same loop at tiny shapes on a CPU (tests/test_gpu_suite.py)
 #
-# Rows, most important first: klein-base-4b (defaults = compiled, fp8 products, diffusers + compile, one denoising
+# First the QLoRA memory targets of issue 16 (bench/memory.py --gpu: dev and klein-base-9b, NF4 base). Then rows,
+# most important first: klein-base-4b (defaults = compiled, fp8 products, diffusers + compile, one denoising
 # step), klein-base-9b (defaults, diffusers + compile), then klein-base-4b eager, diffusers eager, 12 of 25 blocks
 # checkpointed, none, cuDNN attention, klein-base-9b fp8 and dev with fp8 while the 8-minute budget lasts. A row
 # starts only with 30 s left and never runs past the budget; a row that fails is reported and the suite goes on.
@@ -27,14 +28,15 @@ done
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 mkdir -p "$OUT/rows"
-rm -f "$OUT"/rows/*.json
+rm -f "$OUT"/rows/*.json "$OUT/memory_gpu.json"
 
 if [ "$DRY" = 1 ]; then
   # Tiny shapes on a CPU, dynamo without code generation: minutes of compiling become seconds.
   export FLUX2_COMPILE_BACKEND=eager
   COMMON=(--res 64 --text_tokens 16 --rank 4 --warmup 1 --rounds 1 --steps 1 --backend eager --memory)
   PLAN=("dry:flux2+compile+fp8 diffusers")
-  BUDGET_S=600; ROW_LIMIT_S=300
+  BUDGET_S=600; ROW_LIMIT_S=300; QLORA_LIMIT_S=120
+  QLORA=(--gpu_variants tiny --res 64 --rank 4 --device cpu)
 else
   COMMON=(--res 1024 --warmup 3 --rounds 4 --steps 2 --memory)
   # Most important first: a row starts only while time is left, and never runs past the budget.
@@ -43,11 +45,19 @@ else
         "klein-base-4b:flux2+eager diffusers flux2+gc=12 flux2+nogc diffusers+compile+fwd flux2+attn=cudnn"
         "klein-base-9b:flux2+fp8"
         "dev:flux2+fp8 diffusers+compile")
-  BUDGET_S=480; ROW_LIMIT_S=180  # 8 minutes of rows
+  BUDGET_S=480; ROW_LIMIT_S=180; QLORA_LIMIT_S=150  # 8 minutes in all, the QLoRA targets included
+  QLORA=()
   "$PY" bench/train_step.py --matmul_peak > "$OUT/matmul_peak.json" || echo '{}' > "$OUT/matmul_peak.json"
 fi
 
 START=$(date +%s)
+# The QLoRA targets first (dev <= 24 GiB, klein-base-9b <= 12 GiB with an NF4 base at 1024^2): bench/memory.py
+# --gpu, inside the budget; off a GPU (the dry run) it says it skipped. suite_table.py sets its rows beside the
+# CPU count of the same step (bench/results/step_memory.json, bench/step_memory.py).
+echo "== QLoRA memory targets"
+if ! timeout "$QLORA_LIMIT_S" "$PY" bench/memory.py --gpu "${QLORA[@]}" --json "$OUT/memory_gpu.json" > "$OUT/memory_gpu.log" 2>&1; then
+  echo "   failed or timed out: $(grep -v '^\s*$' "$OUT/memory_gpu.log" | tail -1)"
+fi
 for entry in "${PLAN[@]}"; do
   variant=${entry%%:*}
   for row in ${entry#*:}; do

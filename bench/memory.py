@@ -627,9 +627,10 @@ def gpu_rows(variants: list[str], res: int, rank: int, device: str = "cuda") -> 
                      "load_peak_gib": load_peak / GIB, "peak_gib": peak / GIB, "step_s": sorted(times)[1],
                      "target_gib": GPU_TARGETS.get(name, 0) / GIB,
                      "ok": peak <= GPU_TARGETS.get(name, float("inf"))})
-        print(f"{name} nf4 {res}^2 rank {rank} GC: peak {peak / GIB:.2f} GiB (target {GPU_TARGETS.get(name, 0) / GIB:.0f}"
-              f" GiB: {'ok' if rows[-1]['ok'] else 'MISSED'}), load peak {load_peak / GIB:.2f} GiB, "
-              f"{rows[-1]['step_s']:.3f} s/step", flush=True)
+        target = (f" (target {GPU_TARGETS[name] / GIB:.0f} GiB: {'ok' if rows[-1]['ok'] else 'MISSED'})"
+                  if name in GPU_TARGETS else "")
+        print(f"{name} nf4 {res}^2 rank {rank} GC: peak {peak / GIB:.2f} GiB{target}, load peak {load_peak / GIB:.2f} "
+              f"GiB, {rows[-1]['step_s']:.3f} s/step", flush=True)
         del model, network, opt, params
     return rows
 
@@ -652,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", action="store_true", help="the GPU targets (CUDA only; skipped elsewhere)")
     p.add_argument("--gpu_variants", nargs="*", default=list(GPU_TARGETS), help="variants of --gpu")
     p.add_argument("--res", type=int, default=1024, help="resolution of --gpu")
+    p.add_argument("--device", default="cuda", help="device of --gpu (cpu: the same step on the CPU, peak RSS)")
     p.add_argument("--worker", nargs=6, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -665,12 +667,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu:
         import torch
 
-        if not torch.cuda.is_available():
+        cuda = torch.device(args.device).type == "cuda"
+        if cuda and not torch.cuda.is_available():
             print("--gpu: skipped, no CUDA device here (run it through bench/gpu_suite.sh on a GPU machine)")
             out["gpu"] = {"skipped": "no CUDA device"}
         else:
-            out["gpu"] = {"device": torch.cuda.get_device_name(), "rows": gpu_rows(args.gpu_variants, args.res,
-                                                                                  args.rank)}
+            name = torch.cuda.get_device_name() if cuda else "cpu"
+            out["gpu"] = {"device": name, "rows": gpu_rows(args.gpu_variants, args.res, args.rank, args.device)}
     elif args.rehearse is not None:
         out["rehearsals"] = rehearse(args.rehearse, args.modes, Path(args.workdir), args.rank, args.keep,
                                      not args.no_step, step_switches=args.step_modes)

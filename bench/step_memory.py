@@ -20,6 +20,7 @@ when a session has one.
 
     python bench/step_memory.py                                 # dev and klein-base-9b nf4 at 1024^2
     python bench/step_memory.py --variants klein-base-4b --switches bf16 fp8 nf4 --res 512 1024
+    python bench/step_memory.py --variants klein-base-4b --switches bf16 --reference   # beside diffusers + PEFT
 """
 from __future__ import annotations
 
@@ -169,15 +170,74 @@ def model_tensors(model: nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
+def flux2_step(variant, switch: str, rank: int, grad_ckpt: bool):
+    """Our DiT with `switch`'s block Linears and a rank-`rank` LoRA: (weights, trainable tensors, LoRA state
+    tensors, step(x, x_ids, t, ctx, ctx_ids, guidance) -> prediction)."""
+    from flux2.lora import create_network
+
+    model = build_dit(variant, switch)
+    model.requires_grad_(False).gradient_checkpointing = grad_ckpt
+    network = create_network(model, rank, rank)
+    network.apply_to(model)
+    params = [p for p in network.parameters() if p.requires_grad]
+    return model_tensors(model), params, list(network.state_dict().values()), model
+
+
+def diffusers_step(variant, switch: str, rank: int, grad_ckpt: bool):
+    """The reference: diffusers' Flux2Transformer2DModel + PEFT, as bench/train_step.py builds it and
+    ../shared/reference/anchors.md measured it on an H200 (bf16 weights, float32 LoRA)."""
+    from peft import LoraConfig
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from oracles.dit import diffusers_transformer
+    from train_step import DIFFUSERS_TARGETS
+
+    if switch != "bf16":
+        raise SystemExit("the diffusers reference is counted with bf16 weights only")
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    # Built on the meta device outside fake mode (module moves, PEFT's too, cannot swap fake parameters), then
+    # given tensors.
+    with unset_fake_temporarily(), torch.device("meta"):
+        model = diffusers_transformer(variant)
+        model.requires_grad_(False)
+        if grad_ckpt:
+            model.enable_gradient_checkpointing()
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                     target_modules=DIFFUSERS_TARGETS))
+    for module in model.modules():
+        for key, p in list(module._parameters.items()):
+            if p is not None:
+                dtype = torch.float32 if p.requires_grad else torch.bfloat16
+                module._parameters[key] = nn.Parameter(torch.randn(p.shape, dtype=dtype) * 0.02,
+                                                       requires_grad=p.requires_grad)
+        for key, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[key] = torch.zeros(b.shape, dtype=b.dtype)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+
+    def step(x, x_ids, t, ctx, ctx_ids, g):
+        return model(hidden_states=x.to(torch.bfloat16), encoder_hidden_states=ctx, timestep=t, img_ids=x_ids[0],
+                     txt_ids=ctx_ids[0], guidance=g, return_dict=False)[0]
+
+    return frozen, params, params, step
+
+
+IMPLEMENTATIONS = {"flux2": flux2_step, "diffusers": diffusers_step}
+
+
 def count_step(variant_name: str, switch: str, res: int, rank: int = 32, grad_ckpt: bool = True,
-               optimizer: str = "adamw", fake: bool = True) -> dict:
-    """Peak bytes alive during the forward and backward of the step's second iteration (AdamW's state exists
-    from the first), and its parts. `fake=False` runs the same on real tensors (tests compare the two at tiny
-    sizes)."""
+               optimizer: str = "adamw", fake: bool = True, impl: str = "flux2", text_tokens: int | None = None,
+               ) -> dict:
+    """Peak bytes alive during the forward and backward of a step after the first (the optimizer's state exists
+    from the first on), and its parts. `impl`: flux2 (ours) or diffusers (the reference, bf16 only).
+    `fake=False` runs the same on real tensors (tests compare the two at tiny sizes); `text_tokens`: default the
+    variant's 512."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from flux2 import sampling
-    from flux2.lora import create_network
     from flux2.variants import VARIANTS
 
     variant = VARIANTS[variant_name]
@@ -195,20 +255,16 @@ def count_step(variant_name: str, switch: str, res: int, rank: int = 32, grad_ck
             if fake:
                 stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
             torch.manual_seed(0)
-            model = build_dit(variant, switch)
-            model.requires_grad_(False).gradient_checkpointing = grad_ckpt
-            network = create_network(model, rank, rank)
-            network.apply_to(model)
-            params = [p for p in network.parameters() if p.requires_grad]
+            frozen, params, adapter, step = IMPLEMENTATIONS[impl](variant, switch, rank, grad_ckpt)
             counter = LiveBytes()
-            counter.hold(model_tensors(model))
+            counter.hold(frozen)
             weights = counter.live
-            counter.hold(network.state_dict().values())
+            counter.hold(adapter)
             lora = counter.live - weights
             state = optimizer_bytes([p.numel() for p in params], optimizer)
             counter.reserve(state)  # the optimizer's state, made by the first step, alive in every later one
             before = counter.live
-            side, n_txt = res // 16, variant.max_text_tokens
+            side, n_txt = res // 16, text_tokens or variant.max_text_tokens
             with counter:
                 x_ids, ctx_ids = sampling.latent_ids(1, side, side), sampling.text_ids(1, n_txt)
                 x0 = torch.randn(1, side * side, variant.in_channels)
@@ -216,30 +272,33 @@ def count_step(variant_name: str, switch: str, res: int, rank: int = 32, grad_ck
                 ctx = torch.randn(1, n_txt, variant.context_in_dim, dtype=torch.bfloat16)
                 g = torch.ones(1) if variant.use_guidance_embed else None
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    pred = model((1 - t) * x0 + t * noise, x_ids, t, ctx, ctx_ids, g)
+                    pred = step((1 - t) * x0 + t * noise, x_ids, t, ctx, ctx_ids, g)
                 loss = (pred.float() - (noise - x0)).square().mean()
                 del pred
                 loss.backward()
                 grads = sum(p.grad.untyped_storage().nbytes() for p in params)
     finally:
         torch.set_num_threads(threads)
-    return {"variant": variant_name, "switch": switch, "res": res, "rank": rank, "grad_ckpt": grad_ckpt,
-            "optimizer": optimizer, "weights": weights, "lora": lora, "optimizer_state": state, "grads": grads, "resident": before,
-            "peak": counter.peak, "activations_peak": counter.peak - before,
+    return {"impl": impl, "variant": variant_name, "switch": switch, "res": res, "rank": rank,
+            "grad_ckpt": grad_ckpt, "optimizer": optimizer, "weights": weights, "lora": lora,
+            "optimizer_state": state, "grads": grads, "resident": before, "peak": counter.peak,
+            "activations_peak": counter.peak - before,
             "target": GPU_TARGETS.get(variant_name) if switch == "nf4" else None}
 
 
 def line(row: dict) -> str:
     target = row["target"]
     verdict = "" if target is None else f" (target {target / GIB:.0f} GiB: {'fits' if row['peak'] <= target else 'OVER'})"
-    return (f"| {row['variant']} | {row['switch']} | {row['res']}^2 | {'yes' if row['grad_ckpt'] else 'no'} | "
+    return (f"| {row['impl']} | {row['variant']} | {row['switch']} | {row['res']}^2 | "
+            f"{'yes' if row['grad_ckpt'] else 'no'} | "
             f"{row['optimizer']} | "
             f"{row['weights'] / GIB:.2f} | {(row['lora'] + row['optimizer_state'] + row['grads']) / GIB:.2f} | "
             f"{row['activations_peak'] / GIB:.2f} | **{row['peak'] / GIB:.2f}**{verdict} |")
 
 
-HEADER = ("| variant | DiT | resolution | grad. ckpt | optimizer | weights GiB | LoRA + optimizer + grads GiB "
-          "| activations peak GiB | step peak GiB |\n|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| implementation | variant | DiT | resolution | grad. ckpt | optimizer | weights GiB "
+          "| LoRA + optimizer + grads GiB | activations peak GiB | step peak GiB |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--optimizer", nargs="*", default=["adamw"], choices=["adamw", "adamw8bit"])
     p.add_argument("--no_grad_ckpt", action="store_true", help="count the step without gradient checkpointing")
+    p.add_argument("--reference", action="store_true",
+                   help="also count diffusers + PEFT (the reference; bf16 rows only) beside each bf16 row")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     rows = []
@@ -258,11 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         for switch in args.switches:
             for res in args.res:
                 for optimizer in args.optimizer:
-                    start = time.perf_counter()
-                    row = count_step(variant, switch, res, args.rank, not args.no_grad_ckpt, optimizer)
-                    row["count_s"] = round(time.perf_counter() - start, 1)
-                    rows.append(row)
-                    print(line(row), flush=True)
+                    for impl in ("flux2", "diffusers") if args.reference and switch == "bf16" else ("flux2",):
+                        start = time.perf_counter()
+                        row = count_step(variant, switch, res, args.rank, not args.no_grad_ckpt, optimizer,
+                                         impl=impl)
+                        row["count_s"] = round(time.perf_counter() - start, 1)
+                        rows.append(row)
+                        print(line(row), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")

@@ -1,5 +1,7 @@
-"""The table of bench/gpu_suite.sh: reads DIR/rows/*.json (one bench/train_step.py --one row each) and
-DIR/matmul_peak.json, writes DIR/rows.json and DIR/table.md (the form docs/performance.md shows) and prints it.
+"""The table of bench/gpu_suite.sh: reads DIR/rows/*.json (one bench/train_step.py --one row each),
+DIR/matmul_peak.json and DIR/memory_gpu.json (bench/memory.py --gpu), writes DIR/rows.json and DIR/table.md (the
+form docs/performance.md shows) and prints it. The QLoRA rows stand beside the CPU count of the same step
+(bench/results/step_memory.json, written by bench/step_memory.py --json).
 
     python bench/suite_table.py bench/results/gpu_suite
 """
@@ -57,6 +59,28 @@ def table(rows: list[dict], peak: float | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+COUNTED = Path(__file__).resolve().parent / "results" / "step_memory.json"
+
+
+def qlora_table(memory: dict, counted: list[dict]) -> str:
+    """bench/memory.py --gpu's rows (measured peak) beside bench/step_memory.py's count of the same step."""
+    gpu = memory.get("gpu", {})
+    if not gpu.get("rows"):
+        return f"QLoRA memory targets: {gpu.get('skipped', 'not run')}\n"
+    by_key = {(r["variant"], r["res"], r["rank"]): r for r in counted
+              if r["switch"] == "nf4" and r["optimizer"] == "adamw" and r["grad_ckpt"]}
+    lines = [f"QLoRA memory targets on {gpu['device']} (NF4 base, gradient checkpointing, AdamW):", "",
+             "| variant | resolution | rank | peak GiB (max allocated) | counted on the CPU GiB | s/step | target |",
+             "|---|---|---|---|---|---|---|"]
+    for r in gpu["rows"]:
+        count = by_key.get((r["variant"], r["res"], r["rank"]))
+        counted_gib = f"{count['peak'] / 2**30:.2f}" if count else "-"
+        target = f"<= {r['target_gib']:.0f} GiB: {'met' if r['ok'] else 'missed'}" if r["target_gib"] else ""
+        lines.append(f"| {r['variant']} | {r['res']}^2 | {r['rank']} | {r['peak_gib']:.2f} | {counted_gib} | "
+                     f"{r['step_s']:.3f} | {target} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(folder: str) -> None:
     out = Path(folder)
     rows = []
@@ -66,6 +90,10 @@ def main(folder: str) -> None:
     peak = json.loads(peak_file.read_text()).get("matmul_peak_tflops") if peak_file.is_file() else None
     (out / "rows.json").write_text(json.dumps({"matmul_peak_tflops": peak, "rows": rows}, indent=2))
     text = table(rows, peak)
+    memory_file = out / "memory_gpu.json"
+    memory = json.loads(memory_file.read_text()) if memory_file.is_file() else {}
+    counted = json.loads(COUNTED.read_text())["rows"] if COUNTED.is_file() else []
+    text += "\n" + qlora_table(memory, counted)
     (out / "table.md").write_text(text)
     print(text, end="")
 

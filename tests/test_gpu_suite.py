@@ -34,3 +34,7 @@ def test_dry_run_writes_the_rows_and_the_table(tmp_path):
     assert all(r["step_s"] > 0 and r["step_peak_mib"] > 0 for r in rows)
     table = (tmp_path / "table.md").read_text()
     assert "| dry | flux2+compile+fp8 | all |" in table and "| dry | diffusers | all |" in table
+    # The QLoRA memory targets run first (bench/memory.py --gpu; on the CPU here, the tiny variant).
+    qlora = json.loads((tmp_path / "memory_gpu.json").read_text())["gpu"]["rows"]
+    assert [(r["variant"], r["quantize"], r["res"]) for r in qlora] == [("tiny", "nf4", 64)] and qlora[0]["peak_gib"] > 0
+    assert "QLoRA memory targets on cpu" in table and "| tiny | 64^2 | 4 |" in table

@@ -23,13 +23,22 @@ import step_memory  # noqa: E402  (bench/step_memory.py)
 
 @pytest.mark.parametrize("switch", step_memory.SWITCHES)
 def test_fake_tensors_count_what_real_ones_allocate(switch):
-    fake = step_memory.count_step("tiny", switch, 64, rank=4, fake=True)
-    real = step_memory.count_step("tiny", switch, 64, rank=4, fake=False)
+    fake = step_memory.count_step("tiny", switch, 64, rank=4, fake=True, text_tokens=16)
+    real = step_memory.count_step("tiny", switch, 64, rank=4, fake=False, text_tokens=16)
     assert fake == real
     assert fake["weights"] == memory.dit_bytes(VARIANTS["tiny"], switch)
     assert fake["lora"] == memory.lora_bytes(VARIANTS["tiny"], 4)
     assert fake["grads"] == sum(memory.lora_numels(VARIANTS["tiny"], 4)) * 4  # float32 LoRA gradients
     assert fake["peak"] > fake["resident"] == fake["weights"] + fake["lora"] + fake["optimizer_state"]
+
+
+def test_the_reference_is_counted_the_same_way():
+    """diffusers + PEFT (bf16 weights, float32 LoRA), as bench/train_step.py builds it: fake tensors count what
+    real ones allocate, and the weights are the same bytes as ours."""
+    fake = step_memory.count_step("tiny", "bf16", 64, rank=4, impl="diffusers", fake=True, text_tokens=16)
+    real = step_memory.count_step("tiny", "bf16", 64, rank=4, impl="diffusers", fake=False, text_tokens=16)
+    assert fake == real and fake["impl"] == "diffusers"
+    assert fake["weights"] == memory.dit_bytes(VARIANTS["tiny"], "bf16") and fake["peak"] > fake["resident"]
 
 
 def test_live_bytes_counts_each_storage_once_while_it_lives():
@@ -80,7 +89,7 @@ def test_command_prints_the_table_and_writes_json(tmp_path, capsys):
     assert step_memory.main(["--variants", "tiny", "--switches", "nf4", "--res", "64", "--rank", "4",
                              "--optimizer", "adamw", "adamw8bit", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert text.startswith(step_memory.HEADER) and "| tiny | nf4 | 64^2 | yes | adamw8bit |" in text
+    assert text.startswith(step_memory.HEADER) and "| flux2 | tiny | nf4 | 64^2 | yes | adamw8bit |" in text
     rows = json.loads(out.read_text())["rows"]
     assert [r["optimizer"] for r in rows] == ["adamw", "adamw8bit"]
     assert rows[1]["peak"] - rows[0]["peak"] == rows[1]["optimizer_state"] - rows[0]["optimizer_state"] < 0
