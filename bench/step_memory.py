@@ -288,7 +288,9 @@ def count_step(variant_name: str, switch: str, res: int, rank: int = 32, grad_ck
 
 def line(row: dict) -> str:
     target = row["target"]
-    verdict = "" if target is None else f" (target {target / GIB:.0f} GiB: {'fits' if row['peak'] <= target else 'OVER'})"
+    margin = None if target is None else (target - row["peak"]) / GIB
+    verdict = "" if target is None else (f" (<= {target / GIB:.0f} GiB: " +
+                                         (f"{margin:.2f} GiB under)" if margin >= 0 else f"OVER by {-margin:.2f} GiB)"))
     return (f"| {row['impl']} | {row['variant']} | {row['switch']} | {row['res']}^2 | "
             f"{'yes' if row['grad_ckpt'] else 'no'} | "
             f"{row['optimizer']} | "
