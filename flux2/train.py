@@ -212,11 +212,10 @@ class QueuedStep:
 
 @dataclass
 class Progress:
-    """The loop's state between steps: the checkpointed position, the loss history, the MLflow run."""
+    """The loop's state between steps: the checkpointed position (with the loss history), the MLflow run."""
 
     state: TrainState
-    history: list[tuple[int, float, float]]
-    history_path: Path
+    history_path: Path  # the readable copy of state.history, written with each checkpoint
     run: object | None  # flux2.tracking.Run on the main process
     loss_value: float = float("nan")
     lr: float = 0.0
@@ -376,13 +375,13 @@ def resume(tr: Training) -> Progress:
             print(f"resuming from {ckpt_dir}/step-{train_state.step:08d}")
     elif main and ckpt_dir.parent.is_dir() and any(d.is_dir() and d != ckpt_dir for d in ckpt_dir.parent.iterdir()):
         print(f"starting from step 0 (the checkpoints of other configurations in {ckpt_dir.parent} are kept)")
-    history = [(int(s), float(l), float(r)) for s, l, r in train_state.history]
-    run = open_run(tr, train_state, history, resumed is not None) if main else None
-    return Progress(train_state, history, tr.base / "plots" / "train_loss.csv", run,
+    history = train_state.history = [[int(s), float(l), float(r)] for s, l, r in train_state.history]
+    run = open_run(tr, train_state, resumed is not None) if main else None
+    return Progress(train_state, tr.base / "plots" / "train_loss.csv", run,
                     history[-1][1] if history else float("nan"))
 
 
-def open_run(tr: Training, state: TrainState, history: list[tuple[int, float, float]], resumed: bool):
+def open_run(tr: Training, state: TrainState, resumed: bool):
     """The MLflow run of this training: the checkpoint's own run when it has exactly these parameters (a resumed
     run), else a new one; a new run that continues another run's checkpoint (the same configuration with other
     settings, e.g. trained for more steps) is tagged with that parent. The loss history it lacks is logged."""
@@ -416,7 +415,7 @@ def open_run(tr: Training, state: TrainState, history: list[tuple[int, float, fl
         run.set_tags(tags)
     state.extra["mlflow_run_id"] = run.run_id
     atomic_write_text(record, run.run_id + "\n")
-    for step, loss, lr in history:  # steps the run lacks: a warm start's, or a kill before their flush
+    for step, loss, lr in state.history:  # steps the run lacks: a warm start's, or a kill before their flush
         if step % p.train.log_every_n_steps == 0:
             run.log_metrics({"loss": loss, "lr": lr}, step)
     run.flush()
@@ -532,7 +531,7 @@ def read_steps(tr: Training, prog: Progress, keep: int = 0) -> None:
         prog.loss_value = loss
         if tr.main:
             done = queued.step + 1
-            prog.history.append((done, loss, queued.lr))
+            state.history.append([done, loss, queued.lr])
             if done % t_cfg.log_every_n_steps == 0:
                 prog.run.log_metrics({"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "step_time_s": elapsed,
                                       "samples_per_s": queued.items / elapsed,
@@ -606,10 +605,9 @@ def _checkpoint(tr: Training, prog: Progress, run) -> None:
     # stage); the CSV is its readable copy. MLflow is flushed first, so a resume logs only steps after this one.
     prog.history_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(prog.history_path,
-                      "step,loss,lr\n" + "".join(f"{s},{l!r},{r!r}\n" for s, l, r in prog.history))
+                      "step,loss,lr\n" + "".join(f"{s},{l!r},{r!r}\n" for s, l, r in prog.state.history))
     if run is not None:
         run.flush()
-    prog.state.history = [list(row) for row in prog.history]
     save_checkpoint(tr.ckpt_dir, prog.state, tr.network.state_dict(), tr.optimizer,
                     ema=tr.ema.state_dict() if tr.ema is not None else None)
 

@@ -51,9 +51,10 @@ def test_training_reads_the_device_only_when_it_logs(pipeline):
             after_each.append(len(counter.reads))
     # Step 4 reads steps 1-3 in one transfer (the newest is left queued), step 8 reads 4-7; finish reads step 8.
     assert after_each == [0, 0, 0, 1, 1, 1, 1, 2], counter.reads
-    assert [s for s, _, _ in prog.history] == [1, 2, 3, 4, 5, 6, 7]
+    assert [s for s, _, _ in prog.state.history] == [1, 2, 3, 4, 5, 6, 7]
     result = finish(tr, prog)
-    assert [s for s, _, _ in prog.history] == list(range(1, 9)) and result.final_loss == prog.history[-1][1]
+    history = prog.state.history
+    assert [s for s, _, _ in history] == list(range(1, 9)) and result.final_loss == history[-1][1]
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_on_device", "host_flag"])
