@@ -449,8 +449,8 @@ def train_step(tr: Training, prog: Progress) -> None:
     if tr.world > 1:
         all_reduce_grads(tr.params, tr.world)
         loss_sum = _mean_over_processes(loss_sum)
-    values = optimizer_step(tr.params, tr.optimizer, loss_sum, t_cfg.max_grad_norm)
-    if tr.ema is not None and bool(torch.isfinite(values).all()):
+    values, stepped = optimizer_step(tr.params, tr.optimizer, loss_sum, t_cfg.max_grad_norm)
+    if tr.ema is not None and bool(stepped):  # a skipped step leaves the EMA alone too
         tr.ema.update(tr.network)  # its update count lives on the host: with an EMA, one read per step
     state.step += 1
     prog.pending.append(QueuedStep(step, lr, values, start, time.perf_counter(), items))
@@ -481,9 +481,10 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-                   max_grad_norm: float) -> torch.Tensor:
+                   max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip the gradients and step, unless the loss or the gradient norm is not finite: then the weights and the
-    optimizer state stay exactly as they were. Returns [loss, grad norm] on the device.
+    optimizer state stay exactly as they were. Returns [loss, grad norm] and whether it stepped (a bool), both on
+    the device.
 
     With a fused optimizer the step runs with `found_inf` = not finite, and its kernel leaves everything untouched
     when it is set (the step count too), so no NaN ever reaches the weights and the host never waits. Other
@@ -500,7 +501,7 @@ def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Opti
     elif finite.item():
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return values
+    return values, finite
 
 
 def read_steps(tr: Training, prog: Progress, keep: int = 0) -> None:

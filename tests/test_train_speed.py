@@ -66,8 +66,8 @@ def test_a_non_finite_step_leaves_weights_and_optimizer_state_untouched(fused):
     before = w.detach().clone(), {k: v.clone() for k, v in optimizer.state[w].items()}
     for bad in (float("nan"), float("inf")):
         w.grad = torch.full((4,), bad)
-        values = optimizer_step([w], optimizer, torch.tensor(2.0), 1.0)
-        assert not torch.isfinite(values).all()
+        values, stepped = optimizer_step([w], optimizer, torch.tensor(2.0), 1.0)
+        assert not stepped and not torch.isfinite(values).all()
         assert torch.equal(w.detach(), before[0]) and w.grad is None
         assert all(torch.equal(optimizer.state[w][k], v) for k, v in before[1].items())  # the step count too
     w.grad = torch.ones(4)
