@@ -385,22 +385,22 @@ def open_run(tr: Training, state: TrainState, resumed: bool):
     """The MLflow run of this training: the checkpoint's own run when it has exactly these parameters (a resumed
     run), else a new one; a new run that continues another run's checkpoint (the same configuration with other
     settings, e.g. trained for more steps) is tagged with that parent. The loss history it lacks is logged."""
-    from flux2.tracking import Run, exp_name, tracking_uri
+    from flux2.tracking import Run, exp_name, open_store, tracking_uri
 
     p = tr.p
-    uri = tracking_uri(p.tracking.tracking_uri)
+    client = open_store(tracking_uri(p.tracking.tracking_uri))
     params = {**to_flat_dict(p), "network.type": tr.network.network_type,
               "network.modules": len(tr.network.lora_modules), "network.parameters": sum(q.numel() for q in tr.params)}
     parent = state.extra.get("mlflow_run_id") if resumed else None
-    run = Run.reopen(uri, p.tracking.experiment, parent, params) if parent else None
+    run = Run.reopen(client, parent, params) if parent else None
     record = tr.ckpt_dir / RUN_RECORD  # the run of this folder's latest training, killed before a checkpoint?
     if run is None and not resumed and record.is_file():
-        run = Run.reopen(uri, p.tracking.experiment, record.read_text().strip(), params, unfinished_only=True)
+        run = Run.reopen(client, record.read_text().strip(), params, unfinished_only=True)
     tags = {"dvc.exp_name": exp_name()} if exp_name() else {}
     if run is not None:
         run.client.update_run(run.run_id, status="RUNNING")  # it failed, was killed, or is rerun
     else:
-        run = Run(uri, p.tracking.experiment, run_name=exp_name() or p.train.output_name)
+        run = Run.create(client, p.tracking.experiment, run_name=exp_name() or p.train.output_name)
         run.log_params(params)
         tags.update({"flux2.variant": tr.variant.name, "flux2.commit": git_commit(tr.base),
                      "flux2.manifest_sha256": sha256_file(tr.manifest), "flux2.fingerprint": tr.fingerprint})
