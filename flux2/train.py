@@ -266,7 +266,7 @@ def setup(p: Params, base: Path) -> Training:
 
     from flux2.compile import compile_blocks
     from flux2.compile import resolve as resolve_compile
-    from flux2.loading import load_frozen_dit, resolve_device, resolve_dtype
+    from flux2.loading import resolve_device, resolve_dtype
     from flux2.lora import create_network, param_groups
     from flux2.network_config import network_options
 
@@ -299,21 +299,7 @@ def setup(p: Params, base: Path) -> Training:
                                   warm.sha256 if warm else None)
     steps_total = total_steps(p, data)
 
-    on_cpu_first = p.model.blocks_to_swap or t_cfg.fsdp
-    m = p.model
-    dit = load_frozen_dit(base / m.dit, variant, device, dtype, load_device="cpu" if on_cpu_first else None,
-                          fp8_scaled=m.fp8_base or m.fp8_scaled, quantize=m.quantize, fp8_matmul=m.fp8_matmul,
-                          attention_backend=m.attention_backend)
-    dit.gradient_checkpointing = t_cfg.gradient_checkpointing
-    dit.checkpoint_blocks = t_cfg.gradient_checkpointing_blocks
-    if t_cfg.fsdp:
-        from flux2.sharding import shard_dit
-
-        shard_dit(dit, device)
-    if p.model.blocks_to_swap:
-        from flux2.block_swap import enable_block_swap
-
-        enable_block_swap(dit, p.model.blocks_to_swap, device)
+    dit = frozen_dit(p, base, variant, device, dtype)
     torch.manual_seed(t_cfg.seed)  # the LoRA's initial weights
     options = network_options(t_cfg, variant)
     network = create_network(dit, t_cfg.network_dim, t_cfg.network_alpha, t_cfg.include_patterns,
@@ -342,6 +328,30 @@ def setup(p: Params, base: Path) -> Training:
               f"device {device}" + (f"; EMA decay {ema.decay:g} ({ema.nbytes / 2**20:.1f} MiB)" if ema else ""))
     return Training(p, base, variant, device, dtype, rank, world, main, data, manifest, fingerprint, steps_total,
                     dit, network, params, optimizer, base / t_cfg.checkpoint_dir / fingerprint, warning, warm, ema)
+
+
+def frozen_dit(p: Params, base: Path, variant: Variant, device: torch.device, dtype: torch.dtype
+               ) -> torch.nn.Module:
+    """The DiT to train a LoRA on, as model.* and train.* ask: quantised or with fp8 products, gradient
+    checkpointing, sharded over the processes (FSDP) or with swapped blocks."""
+    from flux2.loading import load_frozen_dit
+
+    m, t_cfg = p.model, p.train
+    on_cpu_first = m.blocks_to_swap or t_cfg.fsdp
+    dit = load_frozen_dit(base / m.dit, variant, device, dtype, load_device="cpu" if on_cpu_first else None,
+                          fp8_scaled=m.fp8_base or m.fp8_scaled, quantize=m.quantize, fp8_matmul=m.fp8_matmul,
+                          attention_backend=m.attention_backend)
+    dit.gradient_checkpointing = t_cfg.gradient_checkpointing
+    dit.checkpoint_blocks = t_cfg.gradient_checkpointing_blocks
+    if t_cfg.fsdp:
+        from flux2.sharding import shard_dit
+
+        shard_dit(dit, device)
+    if m.blocks_to_swap:
+        from flux2.block_swap import enable_block_swap
+
+        enable_block_swap(dit, m.blocks_to_swap, device)
+    return dit
 
 
 def check_inputs(p: Params, main: bool) -> None:
