@@ -169,7 +169,7 @@ def build_flux2(row: Row, v, sd, rank: int, device, backend: str | None):
         if row.fwd:
             return loss[None]
         loss.backward()
-        return optimizer_step(params, optimizer, loss.detach(), 1.0)
+        return optimizer_step(params, optimizer, loss.detach(), 1.0)[0]
 
     if row.fwd:
         dit.eval()

@@ -179,15 +179,22 @@ def fp8_bytes(out_features: int, in_features: int, scale_itemsize: int = 2, bloc
         * scale_itemsize
 
 
-def quantize_linears(model: nn.Module, predicate: Callable[[str, nn.Linear], bool], block_size: int = 64) -> int:
-    """Replace, in place, every nn.Linear of `model` for which predicate(dotted_name, module) holds by an
-    Fp8Linear. Returns how many were replaced."""
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and predicate(name, m)]
+def replace_linears(model: nn.Module, predicate: Callable[[str, nn.Linear], bool],
+                    make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace, in place, every plain nn.Linear of `model` for which predicate(dotted_name, module) holds by
+    make(linear). Returns how many were replaced."""
+    # type(), not isinstance: subclasses of nn.Linear here are stored quantised already (flux2.bnb_linear's NF4
+    # and int8 layers), and their packed weights quantised again would be garbage.
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and predicate(name, m)]
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Fp8Linear(linear.weight, linear.bias, block_size))
+        model.set_submodule(name, make(linear))
     return len(targets)
+
+
+def quantize_linears(model: nn.Module, predicate: Callable[[str, nn.Linear], bool], block_size: int = 64) -> int:
+    """Replace, in place, every plain nn.Linear of `model` for which predicate(dotted_name, module) holds by an
+    Fp8Linear. Returns how many were replaced."""
+    return replace_linears(model, predicate, lambda linear: Fp8Linear(linear.weight, linear.bias, block_size))
 
 
 def dit_block_linear(name: str, module: nn.Linear) -> bool:

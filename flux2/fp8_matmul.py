@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from flux2.fp8 import FP8_DTYPE, FP8_MAX, Fp8Linear, dit_block_linear
+from flux2.fp8 import FP8_DTYPE, FP8_MAX, Fp8Linear, dit_block_linear, replace_linears
 
 MIN_CAPABILITY = (8, 9)
 
@@ -84,14 +84,11 @@ class Fp8MatmulLinear(Fp8Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 row-wise, fp8 products"
 
 
-def use_fp8_matmuls(model: nn.Module, predicate: Callable[[str, nn.Module], bool]) -> int:
-    """Replace, in place, every nn.Linear of `model` for which predicate(dotted_name, module) holds by an
+def use_fp8_matmuls(model: nn.Module, predicate: Callable[[str, nn.Linear], bool]) -> int:
+    """Replace, in place, every plain nn.Linear of `model` for which predicate(dotted_name, module) holds by an
     Fp8MatmulLinear, on the Linear's device (quantised a chunk of rows at a time: no float32 copy of a layer).
     Returns how many were replaced."""
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and predicate(name, m)]
-    for name, linear in targets:
-        model.set_submodule(name, Fp8MatmulLinear(linear.weight, linear.bias))
-    return len(targets)
+    return replace_linears(model, predicate, lambda linear: Fp8MatmulLinear(linear.weight, linear.bias))
 
 
 def check_device(device: torch.device) -> None:

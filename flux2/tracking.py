@@ -6,8 +6,9 @@ into folders that are deleted afterwards. MLflow records each experiment's and r
 absolute URI; when the project (with mlflow.db and mlartifacts/) is moved or copied, `relocate_store` points
 those records at the new folder, so a moved project never writes into (or reads from) the old one.
 
-One MLflow run per training run: a resumed run (same checkpoint lineage, exactly the same parameters) continues
-its run and never logs a step twice (`Run.reopen`); anything else is a new run.
+A command opens the store once (`open_store`: the server checked, the database made and relocated) and its runs
+share that client. One MLflow run per training run: a resumed run (same checkpoint lineage, exactly the same
+parameters) continues its run and never logs a step twice (`Run.reopen`); anything else is a new run.
 """
 from __future__ import annotations
 
@@ -161,7 +162,7 @@ class GuardedClient:
     """An MlflowClient whose every call runs under `store_errors`."""
 
     def __init__(self, client: Any, uri: str):
-        self._client, self._uri = client, uri
+        self._client, self.uri = client, uri
         db_log = logging.getLogger("mlflow.store.db.utils")
         if not any(isinstance(f, _NoTraceback) for f in db_log.filters):
             db_log.addFilter(_NoTraceback())
@@ -173,9 +174,24 @@ class GuardedClient:
 
         @functools.wraps(attr)
         def call(*args: Any, **kwargs: Any) -> Any:
-            with store_errors(self._uri):
+            with store_errors(self.uri):
                 return attr(*args, **kwargs)
         return call
+
+
+def open_store(uri: str) -> GuardedClient:
+    """The client of the MLflow store at `uri`, ready to write: an http(s) server that answers (`check_server`),
+    a sqlite database made whole (`init_store`) with its artifact locations beside it (`relocate_store`)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    check_server(uri)
+    with store_errors(uri):
+        init_store(uri)
+        relocate_store(uri)
+    return GuardedClient(MlflowClient(tracking_uri=uri), uri)
+
+
 def exp_name() -> str | None:
     """The DVC experiment this process runs in (`dvc exp run` sets DVC_EXP_NAME), else None."""
     return os.environ.get("DVC_EXP_NAME") or None
@@ -187,42 +203,39 @@ def param_strings(params: dict[str, Any]) -> dict[str, str]:
 
 
 class Run:
-    """An MLflow run with batched metric logging (one log_batch per flush instead of a call per value)."""
+    """An MLflow run with batched metric logging (one log_batch per flush instead of a call per value), in a store
+    opened by `open_store`."""
 
-    def __init__(self, uri: str, experiment: str, run_id: str | None = None, run_name: str | None = None,
-                 flush_every: int = 50):
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        from mlflow.tracking import MlflowClient
-
-        check_server(uri)
-        with store_errors(uri):
-            init_store(uri)
-            relocate_store(uri)
-        self.client = GuardedClient(MlflowClient(tracking_uri=uri), uri)
-        if run_id is None:
-            run_id = self.client.create_run(experiment_id(self.client, experiment, uri), run_name=run_name).info.run_id
+    def __init__(self, client: GuardedClient, run_id: str, flush_every: int = 50):
+        self.client = client
         self.run_id = run_id
         self.flush_every = flush_every
         self.pending: list[Any] = []
         self.logged_upto: dict[str, int] = {}  # metric -> last step already in the store (a reopened run)
 
     @classmethod
-    def reopen(cls, uri: str, experiment: str, run_id: str, params: dict[str, Any], unfinished_only: bool = False
+    def create(cls, client: GuardedClient, experiment: str, run_name: str | None = None) -> "Run":
+        """A new run in `experiment` (created when missing)."""
+        exp = experiment_id(client, experiment, client.uri)
+        return cls(client, client.create_run(exp, run_name=run_name).info.run_id)
+
+    @classmethod
+    def reopen(cls, client: GuardedClient, run_id: str, params: dict[str, Any], unfinished_only: bool = False
                ) -> "Run | None":
         """The existing run `run_id` to continue, if it is in the store and has exactly these parameters (and,
         with `unfinished_only`, was killed or failed), else None: the caller starts a new run. Steps it already
         holds are not logged again (`log_metrics`)."""
         from mlflow.exceptions import MlflowException
 
-        run = cls(uri, experiment, run_id=run_id)
         try:
-            info = run.client.get_run(run_id)
+            info = client.get_run(run_id)
         except MlflowException:
             return None
         if info.data.params != param_strings(params) or (unfinished_only and info.info.status == "FINISHED"):
             return None
+        run = cls(client, run_id)
         for key in info.data.metrics:
-            run.logged_upto[key] = max(m.step for m in run.client.get_metric_history(run_id, key))
+            run.logged_upto[key] = max(m.step for m in client.get_metric_history(run_id, key))
         return run
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -265,18 +278,19 @@ def evaluation_run(uri: str, experiment: str, train_run_id: str, digest: str, pa
     inputs (another model/eval setting: `digest`), as when a DVC experiment changes only eval params and reuses
     the baseline's LoRA. Then it is a run of its own, a child of the training run (`mlflow.parentRunId`), found
     again by its digest; an experiment never writes into another's record."""
-    run = Run(uri, experiment, run_id=train_run_id)
-    train_run = run.client.get_run(train_run_id)
+    client = open_store(uri)
+    run = Run(client, train_run_id)
+    train_run = client.get_run(train_run_id)
     tags = train_run.data.tags
     if tags.get("flux2.eval_digest", digest) == digest:
         run.set_tags({"flux2.eval_digest": digest})
         return run
     exp = train_run.info.experiment_id
-    same = run.client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{train_run_id}' and "
-                                                       f"tags.`flux2.eval_digest` = '{digest}'", max_results=1)
+    same = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{train_run_id}' and "
+                                                   f"tags.`flux2.eval_digest` = '{digest}'", max_results=1)
     if same:
-        return Run(uri, experiment, run_id=same[0].info.run_id)
-    child = Run(uri, experiment, run_name=exp_name() or f"{tags.get('mlflow.runName', train_run_id)}-eval")
+        return Run(client, same[0].info.run_id)
+    child = Run.create(client, experiment, run_name=exp_name() or f"{tags.get('mlflow.runName', train_run_id)}-eval")
     child.log_params(params)
     child.set_tags({"mlflow.parentRunId": train_run_id, "flux2.kind": "evaluation", "flux2.eval_digest": digest,
                     **({"dvc.exp_name": exp_name()} if exp_name() else {})})

@@ -212,11 +212,10 @@ class QueuedStep:
 
 @dataclass
 class Progress:
-    """The loop's state between steps: the checkpointed position, the loss history, the MLflow run."""
+    """The loop's state between steps: the checkpointed position (with the loss history), the MLflow run."""
 
     state: TrainState
-    history: list[tuple[int, float, float]]
-    history_path: Path
+    history_path: Path  # the readable copy of state.history, written with each checkpoint
     run: object | None  # flux2.tracking.Run on the main process
     loss_value: float = float("nan")
     lr: float = 0.0
@@ -267,7 +266,7 @@ def setup(p: Params, base: Path) -> Training:
 
     from flux2.compile import compile_blocks
     from flux2.compile import resolve as resolve_compile
-    from flux2.loading import load_frozen_dit, resolve_device, resolve_dtype
+    from flux2.loading import resolve_device, resolve_dtype
     from flux2.lora import create_network, param_groups
     from flux2.network_config import network_options
 
@@ -300,21 +299,7 @@ def setup(p: Params, base: Path) -> Training:
                                   warm.sha256 if warm else None)
     steps_total = total_steps(p, data)
 
-    on_cpu_first = p.model.blocks_to_swap or t_cfg.fsdp
-    m = p.model
-    dit = load_frozen_dit(base / m.dit, variant, device, dtype, load_device="cpu" if on_cpu_first else None,
-                          fp8_scaled=m.fp8_base or m.fp8_scaled, quantize=m.quantize, fp8_matmul=m.fp8_matmul,
-                          attention_backend=m.attention_backend)
-    dit.gradient_checkpointing = t_cfg.gradient_checkpointing
-    dit.checkpoint_blocks = t_cfg.gradient_checkpointing_blocks
-    if t_cfg.fsdp:
-        from flux2.sharding import shard_dit
-
-        shard_dit(dit, device)
-    if p.model.blocks_to_swap:
-        from flux2.block_swap import enable_block_swap
-
-        enable_block_swap(dit, p.model.blocks_to_swap, device)
+    dit = frozen_dit(p, base, variant, device, dtype)
     torch.manual_seed(t_cfg.seed)  # the LoRA's initial weights
     options = network_options(t_cfg, variant)
     network = create_network(dit, t_cfg.network_dim, t_cfg.network_alpha, t_cfg.include_patterns,
@@ -343,6 +328,30 @@ def setup(p: Params, base: Path) -> Training:
               f"device {device}" + (f"; EMA decay {ema.decay:g} ({ema.nbytes / 2**20:.1f} MiB)" if ema else ""))
     return Training(p, base, variant, device, dtype, rank, world, main, data, manifest, fingerprint, steps_total,
                     dit, network, params, optimizer, base / t_cfg.checkpoint_dir / fingerprint, warning, warm, ema)
+
+
+def frozen_dit(p: Params, base: Path, variant: Variant, device: torch.device, dtype: torch.dtype
+               ) -> torch.nn.Module:
+    """The DiT to train a LoRA on, as model.* and train.* ask: quantised or with fp8 products, gradient
+    checkpointing, sharded over the processes (FSDP) or with swapped blocks."""
+    from flux2.loading import load_frozen_dit
+
+    m, t_cfg = p.model, p.train
+    on_cpu_first = m.blocks_to_swap or t_cfg.fsdp
+    dit = load_frozen_dit(base / m.dit, variant, device, dtype, load_device="cpu" if on_cpu_first else None,
+                          fp8_scaled=m.fp8_base or m.fp8_scaled, quantize=m.quantize, fp8_matmul=m.fp8_matmul,
+                          attention_backend=m.attention_backend)
+    dit.gradient_checkpointing = t_cfg.gradient_checkpointing
+    dit.checkpoint_blocks = t_cfg.gradient_checkpointing_blocks
+    if t_cfg.fsdp:
+        from flux2.sharding import shard_dit
+
+        shard_dit(dit, device)
+    if m.blocks_to_swap:
+        from flux2.block_swap import enable_block_swap
+
+        enable_block_swap(dit, m.blocks_to_swap, device)
+    return dit
 
 
 def check_inputs(p: Params, main: bool) -> None:
@@ -376,32 +385,32 @@ def resume(tr: Training) -> Progress:
             print(f"resuming from {ckpt_dir}/step-{train_state.step:08d}")
     elif main and ckpt_dir.parent.is_dir() and any(d.is_dir() and d != ckpt_dir for d in ckpt_dir.parent.iterdir()):
         print(f"starting from step 0 (the checkpoints of other configurations in {ckpt_dir.parent} are kept)")
-    history = [(int(s), float(l), float(r)) for s, l, r in train_state.history]
-    run = open_run(tr, train_state, history, resumed is not None) if main else None
-    return Progress(train_state, history, tr.base / "plots" / "train_loss.csv", run,
+    history = train_state.history = [[int(s), float(l), float(r)] for s, l, r in train_state.history]
+    run = open_run(tr, train_state, resumed is not None) if main else None
+    return Progress(train_state, tr.base / "plots" / "train_loss.csv", run,
                     history[-1][1] if history else float("nan"))
 
 
-def open_run(tr: Training, state: TrainState, history: list[tuple[int, float, float]], resumed: bool):
+def open_run(tr: Training, state: TrainState, resumed: bool):
     """The MLflow run of this training: the checkpoint's own run when it has exactly these parameters (a resumed
     run), else a new one; a new run that continues another run's checkpoint (the same configuration with other
     settings, e.g. trained for more steps) is tagged with that parent. The loss history it lacks is logged."""
-    from flux2.tracking import Run, exp_name, tracking_uri
+    from flux2.tracking import Run, exp_name, open_store, tracking_uri
 
     p = tr.p
-    uri = tracking_uri(p.tracking.tracking_uri)
+    client = open_store(tracking_uri(p.tracking.tracking_uri))
     params = {**to_flat_dict(p), "network.type": tr.network.network_type,
               "network.modules": len(tr.network.lora_modules), "network.parameters": sum(q.numel() for q in tr.params)}
     parent = state.extra.get("mlflow_run_id") if resumed else None
-    run = Run.reopen(uri, p.tracking.experiment, parent, params) if parent else None
+    run = Run.reopen(client, parent, params) if parent else None
     record = tr.ckpt_dir / RUN_RECORD  # the run of this folder's latest training, killed before a checkpoint?
     if run is None and not resumed and record.is_file():
-        run = Run.reopen(uri, p.tracking.experiment, record.read_text().strip(), params, unfinished_only=True)
+        run = Run.reopen(client, record.read_text().strip(), params, unfinished_only=True)
     tags = {"dvc.exp_name": exp_name()} if exp_name() else {}
     if run is not None:
         run.client.update_run(run.run_id, status="RUNNING")  # it failed, was killed, or is rerun
     else:
-        run = Run(uri, p.tracking.experiment, run_name=exp_name() or p.train.output_name)
+        run = Run.create(client, p.tracking.experiment, run_name=exp_name() or p.train.output_name)
         run.log_params(params)
         tags.update({"flux2.variant": tr.variant.name, "flux2.commit": git_commit(tr.base),
                      "flux2.manifest_sha256": sha256_file(tr.manifest), "flux2.fingerprint": tr.fingerprint})
@@ -416,7 +425,7 @@ def open_run(tr: Training, state: TrainState, history: list[tuple[int, float, fl
         run.set_tags(tags)
     state.extra["mlflow_run_id"] = run.run_id
     atomic_write_text(record, run.run_id + "\n")
-    for step, loss, lr in history:  # steps the run lacks: a warm start's, or a kill before their flush
+    for step, loss, lr in state.history:  # steps the run lacks: a warm start's, or a kill before their flush
         if step % p.train.log_every_n_steps == 0:
             run.log_metrics({"loss": loss, "lr": lr}, step)
     run.flush()
@@ -450,8 +459,8 @@ def train_step(tr: Training, prog: Progress) -> None:
     if tr.world > 1:
         all_reduce_grads(tr.params, tr.world)
         loss_sum = _mean_over_processes(loss_sum)
-    values = optimizer_step(tr.params, tr.optimizer, loss_sum, t_cfg.max_grad_norm)
-    if tr.ema is not None and bool(torch.isfinite(values).all()):
+    values, stepped = optimizer_step(tr.params, tr.optimizer, loss_sum, t_cfg.max_grad_norm)
+    if tr.ema is not None and bool(stepped):  # a skipped step leaves the EMA alone too
         tr.ema.update(tr.network)  # its update count lives on the host: with an EMA, one read per step
     state.step += 1
     prog.pending.append(QueuedStep(step, lr, values, start, time.perf_counter(), items))
@@ -482,9 +491,10 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-                   max_grad_norm: float) -> torch.Tensor:
+                   max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip the gradients and step, unless the loss or the gradient norm is not finite: then the weights and the
-    optimizer state stay exactly as they were. Returns [loss, grad norm] on the device.
+    optimizer state stay exactly as they were. Returns [loss, grad norm] and whether it stepped (a bool), both on
+    the device.
 
     With a fused optimizer the step runs with `found_inf` = not finite, and its kernel leaves everything untouched
     when it is set (the step count too), so no NaN ever reaches the weights and the host never waits. Other
@@ -501,7 +511,7 @@ def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Opti
     elif finite.item():
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return values
+    return values, finite
 
 
 def read_steps(tr: Training, prog: Progress, keep: int = 0) -> None:
@@ -532,7 +542,7 @@ def read_steps(tr: Training, prog: Progress, keep: int = 0) -> None:
         prog.loss_value = loss
         if tr.main:
             done = queued.step + 1
-            prog.history.append((done, loss, queued.lr))
+            state.history.append([done, loss, queued.lr])
             if done % t_cfg.log_every_n_steps == 0:
                 prog.run.log_metrics({"loss": loss, "lr": queued.lr, "grad_norm": grad_norm, "step_time_s": elapsed,
                                       "samples_per_s": queued.items / elapsed,
@@ -606,10 +616,9 @@ def _checkpoint(tr: Training, prog: Progress, run) -> None:
     # stage); the CSV is its readable copy. MLflow is flushed first, so a resume logs only steps after this one.
     prog.history_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(prog.history_path,
-                      "step,loss,lr\n" + "".join(f"{s},{l!r},{r!r}\n" for s, l, r in prog.history))
+                      "step,loss,lr\n" + "".join(f"{s},{l!r},{r!r}\n" for s, l, r in prog.state.history))
     if run is not None:
         run.flush()
-    prog.state.history = [list(row) for row in prog.history]
     save_checkpoint(tr.ckpt_dir, prog.state, tr.network.state_dict(), tr.optimizer,
                     ema=tr.ema.state_dict() if tr.ema is not None else None)
 

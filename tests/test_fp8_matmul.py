@@ -17,12 +17,12 @@ import torch
 
 from flux2 import sampling
 from flux2.cli import main
-from flux2.fp8 import FP8_DTYPE, dit_block_linear
+from flux2.fp8 import FP8_DTYPE, dit_block_linear, quantize_linears
 from flux2.fp8_matmul import Fp8MatmulLinear, use_fp8_matmuls
 from flux2.lora import LoRAModule, add_to_weight
 from flux2.model import Flux2Transformer
 from flux2.variants import VARIANTS
-from tests.test_quantize import rel
+from tests.test_quantize import quantised, rel
 
 PRODUCT_REL, BLOCK_REL, BLOCK_GRAD_REL = 0.05, 0.01, 0.02
 
@@ -102,3 +102,15 @@ def test_the_dit_block_linears_are_replaced():
     n = use_fp8_matmuls(dit, dit_block_linear)
     assert n == 2 * 8 + 2 * 2
     assert isinstance(dit.single_blocks[1].linear2, Fp8MatmulLinear) and type(dit.img_in) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8", "fp8"])
+def test_a_linear_stored_quantised_is_not_replaced_again(mode):
+    """Both replacements take plain nn.Linears only: bitsandbytes' NF4 and int8 layers are nn.Linear subclasses
+    whose packed weights must not be quantised again (fp8 layers are no nn.Linear at all)."""
+    weight = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 0.1
+    for replace, made in ((quantize_linears, "Fp8Linear"), (use_fp8_matmuls, "Fp8MatmulLinear")):
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), quantised(mode, weight))
+        stored = model[1]
+        assert replace(model, lambda name, m: True) == 1
+        assert type(model[0]).__name__ == made and model[1] is stored

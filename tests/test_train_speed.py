@@ -51,9 +51,10 @@ def test_training_reads_the_device_only_when_it_logs(pipeline):
             after_each.append(len(counter.reads))
     # Step 4 reads steps 1-3 in one transfer (the newest is left queued), step 8 reads 4-7; finish reads step 8.
     assert after_each == [0, 0, 0, 1, 1, 1, 1, 2], counter.reads
-    assert [s for s, _, _ in prog.history] == [1, 2, 3, 4, 5, 6, 7]
+    assert [s for s, _, _ in prog.state.history] == [1, 2, 3, 4, 5, 6, 7]
     result = finish(tr, prog)
-    assert [s for s, _, _ in prog.history] == list(range(1, 9)) and result.final_loss == prog.history[-1][1]
+    history = prog.state.history
+    assert [s for s, _, _ in history] == list(range(1, 9)) and result.final_loss == history[-1][1]
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_on_device", "host_flag"])
@@ -65,8 +66,8 @@ def test_a_non_finite_step_leaves_weights_and_optimizer_state_untouched(fused):
     before = w.detach().clone(), {k: v.clone() for k, v in optimizer.state[w].items()}
     for bad in (float("nan"), float("inf")):
         w.grad = torch.full((4,), bad)
-        values = optimizer_step([w], optimizer, torch.tensor(2.0), 1.0)
-        assert not torch.isfinite(values).all()
+        values, stepped = optimizer_step([w], optimizer, torch.tensor(2.0), 1.0)
+        assert not stepped and not torch.isfinite(values).all()
         assert torch.equal(w.detach(), before[0]) and w.grad is None
         assert all(torch.equal(optimizer.state[w][k], v) for k, v in before[1].items())  # the step count too
     w.grad = torch.ones(4)

@@ -153,7 +153,7 @@ def test_no_checkpoint_is_ever_ahead_of_the_loss_history(pipeline, trained, caps
     assert_same_tensors(load_file(pipeline / "outputs/lora/lora.safetensors"), expected, "LoRA")
 
 
-MAKE_RUN = "import sys; from flux2.tracking import Run; Run(sys.argv[1], 'flux2').end()"
+MAKE_RUN = "import sys; from flux2.tracking import Run, open_store; Run.create(open_store(sys.argv[1]), 'flux2').end()"
 
 
 def test_tracking_database_killed_while_created_is_whole_or_absent(tmp_path):
@@ -161,7 +161,7 @@ def test_tracking_database_killed_while_created_is_whole_or_absent(tmp_path):
     database that every later run refuses."""
     from mlflow.tracking import MlflowClient
 
-    from flux2.tracking import Run
+    from flux2.tracking import Run, open_store
 
     def database_begun(folder: Path) -> Callable[[], bool]:
         return lambda: any(folder.iterdir())  # the database (or its temporary file) has been created
@@ -177,7 +177,7 @@ def test_tracking_database_killed_while_created_is_whole_or_absent(tmp_path):
         kill_after(tmp_path, delay, "-c", MAKE_RUN, uri, marker=database_begun(folder))
         if (folder / "mlflow.db").exists():
             MlflowClient(uri).search_experiments()
-        Run(uri, "flux2").end()  # the rerun
+        Run.create(open_store(uri), "flux2").end()  # the rerun
         assert [e.name for e in MlflowClient(uri).search_experiments() if e.name == "flux2"] == ["flux2"]
 
 

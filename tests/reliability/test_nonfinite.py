@@ -1,7 +1,7 @@
 """Non-finite loss or gradients, made for real (no mocks): a latents cache entry full of inf, written with the
 cache's own writer, and a learning rate that makes training diverge. A bad step is skipped and counted (MLflow
-`bad_steps`); `train.max_bad_steps` bad steps in a row stop the run with a message naming the step and the
-likely causes; a LoRA (or checkpoint) holding a non-finite value is never written."""
+`bad_steps`) and never reaches the EMA; `train.max_bad_steps` bad steps in a row stop the run with a message
+naming the step and the likely causes; a LoRA (or checkpoint) holding a non-finite value is never written."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from flux2.cache_latents import read_item_map
 from flux2.cache_store import CacheReader, ShardWriter, read_index, write_index
 from flux2.cli import main
+from flux2.ema import UPDATES_KEY
 from flux2.train import TrainingError
 
 
@@ -48,15 +49,18 @@ def latest_run_id(pipeline: Path) -> str:
 
 def test_an_inf_latent_makes_skipped_counted_steps_and_a_finite_lora(pipeline):
     poison_latents(pipeline, only_first=True)
-    assert main(["train", "--params", str(pipeline / "params.yaml"), "--max_train_steps", "16"]) == 0
+    assert main(["train", "--params", str(pipeline / "params.yaml"), "--max_train_steps", "16",
+                 "--ema_decay", "0.9"]) == 0
     summary = json.loads((pipeline / "metrics/train.json").read_text())
     # 8 train items at batch 1: the poisoned one comes once per epoch, two epochs in 16 steps.
     assert summary["steps"] == 16 and summary["bad_steps"] == 2
     bad = mlflow_metric(pipeline, summary["mlflow_run_id"], "bad_steps")
     assert [v for _, v in bad] == [1.0, 2.0]
     assert len(mlflow_metric(pipeline, summary["mlflow_run_id"], "loss")) == 14  # logged for good steps only
-    lora = load_file(pipeline / "outputs/lora/lora.safetensors")
-    assert all(torch.isfinite(t).all() for t in lora.values())
+    for name in ("lora", "lora_ema"):
+        assert all(torch.isfinite(t).all() for t in load_file(pipeline / f"outputs/lora/{name}.safetensors").values())
+    (ema,) = pipeline.glob("checkpoints/*/step-00000016/ema.safetensors")
+    assert int(load_file(ema)[UPDATES_KEY]) == 14  # the skipped steps never reached the EMA
 
 
 def test_only_bad_steps_stop_the_run_naming_the_step_and_no_lora_is_written(pipeline, capsys):
