@@ -224,7 +224,8 @@ def check_entry(entry: Entry, source: SourceParams, dataset: DatasetParams, base
     """Decode and check one entry; raises Rejected with the first problem found. The split is set later."""
     if entry.problem:
         raise Rejected(*entry.problem)
-    for path in (entry.image, *entry.controls):
+    masks = [entry.mask] if entry.mask is not None and not source.alpha_mask else []  # alpha: the image itself
+    for path in (entry.image, *entry.controls, *masks):
         if problem := utf8_problem(path):
             raise Rejected("bad_file_name", problem)
     width, height, sha = check_image(entry.image, dataset.min_side, dataset.max_pixels)
@@ -416,11 +417,13 @@ def build_report(result: IngestResult, sources: list[SourceParams], dataset: Dat
         "buckets": result.buckets(),
         "images": result.images,
         "holdout_note": holdout_note(result),
-        "sources": [{"index": i, "description": describe(s), "resolution": s.resolution,
+        # printable: a folder name that is not UTF-8 must still fit the report (its items are bad_file_name)
+        "sources": [{"index": i, "description": printable(describe(s)), "resolution": s.resolution,
                      "enable_bucket": s.enable_bucket, "bucket_no_upscale": s.bucket_no_upscale,
                      "num_repeats": s.num_repeats, "batch_size": s.batch_size,
                      "no_resize_control": s.no_resize_control, "control_resolution": s.control_resolution,
-                     "masks": "alpha" if s.alpha_mask else s.mask_directory, "used": used[i]}
+                     "masks": "alpha" if s.alpha_mask else printable(s.mask_directory) if s.mask_directory else None,
+                     "used": used[i]}
                     for i, s in enumerate(sources)],
         "manifest": relative(result.manifest, base),
         "settings": {"min_side": dataset.min_side, "max_pixels": dataset.max_pixels, "on_error": dataset.on_error,
