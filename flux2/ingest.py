@@ -140,9 +140,13 @@ class IngestResult:
     found: int
     manifest: Path
     report: Path
-    images: int = 0  # distinct images (an image at several resolutions is several items)
     holdout_min_items: int = 0
     holdout_skipped: bool = False  # too few images for a hold-out split: every item trains
+
+    @property
+    def images(self) -> int:
+        """Distinct images (an image at several resolutions is several items)."""
+        return len({i.sha256 for i in self.items})
 
     def buckets(self) -> dict[str, int]:
         """"WxH" -> item count, largest area first."""
@@ -208,7 +212,7 @@ def ingest(dataset: DatasetParams, holdout_fraction: float = 0.1, base: str | Pa
     split_of = dict(zip(images, holdout_split(images, 0.0 if skipped else holdout_fraction)))
     for item in items:
         item.split = split_of[item.sha256]
-    result = IngestResult(items, rejected, len(entries), manifest, report, len(images), holdout_min_items, skipped)
+    result = IngestResult(items, rejected, len(entries), manifest, report, holdout_min_items, skipped)
     report_data = build_report(result, sources, dataset, holdout_fraction, base)
     if not items:
         atomic_write_json(report, report_data)
