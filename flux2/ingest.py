@@ -20,7 +20,7 @@ from tqdm import tqdm
 from flux2.atomic import atomic_path, atomic_write_json, sha256_file
 from flux2.buckets import control_bucket, select_bucket, target_size
 from flux2.dataset import Entry, collect_sources, describe, list_entries
-from flux2.images import ImageError, open_mask, open_rgb
+from flux2.images import ImageError, alpha_channel, open_mask, open_rgb, open_rgb_and_decoded
 from flux2.params import DatasetParams, EvalParams, SourceParams
 from flux2.user_files import FileTooLarge, UserFileError, check_writable, open_regular, printable, read_limited, \
     utf8_problem
@@ -232,11 +232,13 @@ def check_entry(entry: Entry, source: SourceParams, dataset: DatasetParams, base
     for path in (entry.image, *entry.controls, *masks):
         if problem := utf8_problem(path):
             raise Rejected("bad_file_name", problem)
-    width, height, sha = check_image(entry.image, dataset.min_side, dataset.max_pixels)
+    width, height, sha, decoded = check_image(entry.image, dataset.min_side, dataset.max_pixels, source.alpha_mask)
     caption = read_caption(entry)
     controls = [check_control(p, dataset.max_pixels, base) for p in entry.controls]
-    mask = check_mask(entry.mask, source.alpha_mask, (width, height), dataset.max_pixels, base) if entry.mask \
-        else None
+    if source.alpha_mask:
+        mask = check_alpha_mask(decoded, entry.image, sha, base)
+    else:
+        mask = check_mask(entry.mask, (width, height), dataset.max_pixels, base) if entry.mask else None
     bucket = select_bucket(width, height, source.resolution, source.enable_bucket, source.bucket_no_upscale)
     for c in controls:
         c.bucket_width, c.bucket_height = control_bucket(c.width, c.height, bucket, source.no_resize_control,
@@ -247,8 +249,10 @@ def check_entry(entry: Entry, source: SourceParams, dataset: DatasetParams, base
                 batch_size=source.batch_size, mask=mask)
 
 
-def check_image(path: Path, min_side: int, max_pixels: int) -> tuple[int, int, str]:
-    """(width, height after EXIF orientation, sha256 of the file) of a usable image; raises Rejected.
+def check_image(path: Path, min_side: int, max_pixels: int, alpha: bool = False
+                ) -> tuple[int, int, str, Image.Image | None]:
+    """(width, height after EXIF orientation, sha256 of the file, the decoded image when `alpha`: its alpha channel
+    is the mask) of a usable image; raises Rejected.
 
     The size is checked from the header first, so a file that claims 30000x30000 is refused before decoding.
     Rotation does not change the shorter side or the pixel count, so the header size is enough for that.
@@ -260,10 +264,10 @@ def check_image(path: Path, min_side: int, max_pixels: int) -> tuple[int, int, s
     if min(w, h) < min_side:
         raise Rejected("too_small", f"{w}x{h}: the shorter side is under dataset.min_side ({min_side})")
     try:
-        im = open_rgb(path, max_pixels)
+        im, decoded = open_rgb_and_decoded(path, max_pixels) if alpha else (open_rgb(path, max_pixels), None)
     except ImageError as e:
         raise Rejected("unreadable", _strip_path(e, path)) from None
-    return im.width, im.height, sha256_file(path)
+    return im.width, im.height, sha256_file(path), decoded
 
 
 def probe_size(path: Path) -> tuple[int, int]:
@@ -290,22 +294,37 @@ def check_control(path: Path, max_pixels: int, base: Path) -> Control:
     return Control(relative(path, base), sha256_file(path), im.width, im.height)
 
 
-def check_mask(path: Path, alpha: bool, size: tuple[int, int], max_pixels: int, base: Path) -> Mask:
-    """A usable loss mask of an image of `size`; raises Rejected('mask_missing' / 'mask_unusable')."""
+def check_mask(path: Path, size: tuple[int, int], max_pixels: int, base: Path) -> Mask:
+    """A usable loss mask file (mask_directory) of an image of `size`; raises Rejected('mask_missing' /
+    'mask_unusable')."""
     if not path.is_file():
         raise Rejected("mask_missing", f"{relative(path, base)} does not exist")
     try:
-        mask = open_mask(path, alpha, max_pixels)
+        mask = open_mask(path, max_pixels=max_pixels)
     except ImageError as e:
-        reason = "mask_missing" if alpha and "no alpha channel" in str(e) else "mask_unusable"
-        raise Rejected(reason, f"{relative(path, base)}: {_strip_path(e, path)}") from None
+        raise Rejected("mask_unusable", f"{relative(path, base)}: {_strip_path(e, path)}") from None
     if mask.size != size:
         raise Rejected("mask_unusable", f"{relative(path, base)} is {mask.width}x{mask.height}, its image "
                                         f"{size[0]}x{size[1]}; masks must have their image's size")
+    _check_not_black(mask, path, base)
+    return Mask(relative(path, base), sha256_file(path), False)
+
+
+def check_alpha_mask(decoded: Image.Image, path: Path, sha: str, base: Path) -> Mask:
+    """The alpha channel of the image at `path` (`decoded` by check_image; sha256 `sha`) as a usable loss mask;
+    raises Rejected('mask_missing' / 'mask_unusable')."""
+    try:
+        mask = alpha_channel(decoded, path)
+    except ImageError as e:
+        raise Rejected("mask_missing", f"{relative(path, base)}: {_strip_path(e, path)}") from None
+    _check_not_black(mask, path, base)
+    return Mask(relative(path, base), sha, True)
+
+
+def _check_not_black(mask: Image.Image, path: Path, base: Path) -> None:
     if mask.getextrema()[1] == 0:
         raise Rejected("mask_unusable", f"{relative(path, base)} is black everywhere: nothing would be learned "
                                         f"from this image")
-    return Mask(relative(path, base), sha256_file(path), alpha)
 
 
 def read_caption(entry: Entry) -> str:
