@@ -587,7 +587,7 @@ def _build_cache(cache_dir: str | Path, jobs: Iterable[Job], meta: dict[str, str
     if old_rows is None:
         old_rows = _read_old_rows(cache_dir, kind)
     known = {r["shard"] for r in old_rows}
-    linked = [r for r in linked if r["shard"] not in known]  # a store shard the index already lists is its own
+    linked = [r for r in linked if r["shard"] not in known]  # an indexed shard: not recovered, as without a store
     # Listed before the next collective, so no rank sees shards another rank writes in this run.
     recovered = linked + recover_rows(cache_dir, known | {r["shard"] for r in linked}, kind)
     indexed = {r["key"] for r in old_rows}
