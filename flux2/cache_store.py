@@ -226,21 +226,28 @@ def recover_rows(cache_dir: str | Path, known_shards: set[str], kind: str) -> li
         return rows
     for path in sorted(folder.glob("*.safetensors")):
         shard = f"{SHARD_DIR}/{path.name}"
-        if shard in known_shards:
-            continue
-        try:
-            header, _ = read_header(path)
-            meta = header.get("__metadata__", {})
-            checksums = json.loads(meta.get(CRC_META, "{}"))
-        except (CheckpointError, OSError, ValueError):
-            continue
-        if meta.get("kind") != kind or meta.get("format_version") != FORMAT_VERSION:
-            continue
-        for name, entry in header.items():
-            if name != "__metadata__" and name in checksums:
-                begin, end = entry["data_offsets"]
-                rows.append({"key": name, "shard": shard, "tensor": name, "shape": list(entry["shape"]),
-                             "dtype": entry["dtype"], "nbytes": end - begin, "crc32": int(checksums[name])})
+        if shard not in known_shards:
+            rows += _shard_rows(path, shard, kind)
+    return rows
+
+
+def _shard_rows(path: Path, shard: str, kind: str) -> list[dict[str, Any]]:
+    """The index rows of the shard at `path` (named `shard` in the index), from its header and stored checksums;
+    none when it cannot be read or is not a shard of `kind` in this cache format."""
+    try:
+        header, _ = read_header(path)
+        meta = header.get("__metadata__", {})
+        checksums = json.loads(meta.get(CRC_META, "{}"))
+    except (CheckpointError, OSError, ValueError):
+        return []
+    if meta.get("kind") != kind or meta.get("format_version") != FORMAT_VERSION:
+        return []
+    rows = []
+    for name, entry in header.items():
+        if name != "__metadata__" and name in checksums:
+            begin, end = entry["data_offsets"]
+            rows.append({"key": name, "shard": shard, "tensor": name, "shape": list(entry["shape"]),
+                         "dtype": entry["dtype"], "nbytes": end - begin, "crc32": int(checksums[name])})
     return rows
 
 
@@ -564,20 +571,25 @@ def _build_cache(cache_dir: str | Path, jobs: Iterable[Job], meta: dict[str, str
         unique.setdefault(job.key, job)
     stats.wanted = len(unique)
 
-    linked: set[str] = set()  # keys of the shards linked in from the store (rank 0)
+    linked: list[dict] = []  # the rows of the shards linked in from the store (by rank 0)
+    old_rows = None
     if dist.rank == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
         for p in cache_dir.iterdir():  # part indexes of a run that died before merging
             if _PART_RE.match(p.name):
                 p.unlink()
-        if store is not None:  # linked-in shards are then found (and verified) like those of an interrupted run
-            indexed_keys = {r["key"] for r in _read_old_rows(cache_dir, kind)}
-            linked = take_from_store(cache_dir, store, kind, set(unique) - indexed_keys)
-    dist.barrier()
+        if store is not None:  # linked-in shards are then verified like those of an interrupted run
+            old_rows = _read_old_rows(cache_dir, kind)
+            linked = take_from_store(cache_dir, store, kind, set(unique) - {r["key"] for r in old_rows})
+    # Rank 0's rows to every rank, so all count the same; a barrier too: no rank lists the folder before the links.
+    linked = dist.gather(linked)[0]
 
-    old_rows = _read_old_rows(cache_dir, kind)
-    # Listed before the first collective, so no rank sees shards another rank writes in this run.
-    recovered = recover_rows(cache_dir, {r["shard"] for r in old_rows}, kind)
+    if old_rows is None:
+        old_rows = _read_old_rows(cache_dir, kind)
+    known = {r["shard"] for r in old_rows}
+    linked = [r for r in linked if r["shard"] not in known]  # an indexed shard: not recovered, as without a store
+    # Listed before the next collective, so no rank sees shards another rank writes in this run.
+    recovered = linked + recover_rows(cache_dir, known | {r["shard"] for r in linked}, kind)
     indexed = {r["key"] for r in old_rows}
     pool = old_rows + [r for r in recovered if r["key"] not in indexed]
     candidates = sorted((r for r in pool if r["key"] in unique), key=lambda r: (r["shard"], r["key"]))
@@ -602,9 +614,8 @@ def _build_cache(cache_dir: str | Path, jobs: Iterable[Job], meta: dict[str, str
     stats.damaged = len({r["key"] for r in candidates} - good_keys)
     stats.reused = len(kept)
     stats.recovered = len({r["key"] for r in kept} - indexed)
-    if linked:
-        stats.from_store = len({r["key"] for r in kept} & linked)
-        stats.recovered -= stats.from_store
+    stats.from_store = len({r["key"] for r in kept} & {r["key"] for r in linked})
+    stats.recovered -= stats.from_store
     stats.dropped = len(indexed - set(unique))
 
     missing = [job for key, job in unique.items() if key not in good_keys]
@@ -681,27 +692,26 @@ def _link(src: Path, dst: Path) -> bool:
     return True
 
 
-def take_from_store(cache_dir: Path, store: Path, kind: str, wanted: set[str]) -> set[str]:
-    """Link into `cache_dir` the store's shards of `kind` that hold any of the `wanted` keys; returns the keys
-    they hold. Nothing is trusted: the linked shards are verified like the folder's own."""
-    folder, found = store / kind, set()
+def take_from_store(cache_dir: Path, store: Path, kind: str, wanted: set[str]) -> list[dict[str, Any]]:
+    """Link into `cache_dir` the store's shards of `kind` that hold any of the `wanted` keys; returns their index
+    rows, read from their headers as recover_rows reads a shard. Nothing is trusted: the rows are verified like
+    the folder's own."""
+    folder, found, rows = store / kind, set(), []
     if not wanted or not folder.is_dir():
-        return found
+        return rows
     own = cache_dir / SHARD_DIR
     for path in sorted(folder.glob(f"{kind}-*.safetensors")):
         if found >= wanted:
             break
-        try:
-            header, _ = read_header(path)
-        except (CheckpointError, OSError):
-            continue
-        keys = (set(header) - {"__metadata__"}) & (wanted - found)
-        if keys and header.get("__metadata__", {}).get("format_version") == FORMAT_VERSION:
+        shard_rows = _shard_rows(path, f"{SHARD_DIR}/{path.name}", kind)
+        keys = {r["key"] for r in shard_rows} & (wanted - found)
+        if keys:
             own.mkdir(parents=True, exist_ok=True)
             if not _link(path, own / path.name):
                 break
             found |= keys
-    return found
+            rows += shard_rows
+    return rows
 
 
 def add_to_store(cache_dir: Path, store: Path, kind: str, shards: set[str]) -> None:

@@ -239,7 +239,7 @@ def _list_manifest(source: SourceParams, index: int) -> list[Entry]:
         image = row.get("image_path")
         entry = Entry(index, Path(str(image or "")), where=where)
         entries.append(entry)
-        entry.problem = _row_problem(row, where)
+        controls, entry.problem = _row_controls(row, where)
         if entry.problem:
             entry.image = Path()  # named by `where` in the report
             continue
@@ -257,7 +257,7 @@ def _list_manifest(source: SourceParams, index: int) -> list[Entry]:
         if caption is None:
             entry.problem = ("caption_missing", f"{where}: no caption")
             continue
-        for value in _control_values(row):
+        for value in controls:
             path, problem = _manifest_path(value, manifest.parent, root, "control", where)
             if problem:
                 entry.problem = problem
@@ -283,38 +283,30 @@ def _manifest_path(value: str, folder: Path, root: Path, what: str, where: str) 
     return path, None
 
 
-def _row_problem(row: dict[Any, Any], where: str) -> tuple[str, str] | None:
-    """What makes a manifest row unusable before any file is looked at: a CSV row with more fields than the
-    header (an unquoted comma), two columns for one control number, a control path that is not text."""
+def _row_controls(row: dict[Any, Any], where: str) -> tuple[list[str], tuple[str, str] | None]:
+    """(the row's control paths, what makes the row unusable before any file is looked at). The paths:
+    `control_path`, then `control_path_0`, `control_path_1`, ... in numeric order, empty values skipped. The
+    problems: a CSV row with more fields than the header (an unquoted comma), two columns for one control number,
+    a control path that is not text."""
     if None in row:  # csv.DictReader puts the fields past the header under None
-        return ("bad_row", f"{where}: {len(row) - 1 + len(row[None])} fields, but the header names {len(row) - 1} "
-                           "columns; quote a value that holds a comma (\"a, b\")")
+        return [], ("bad_row", f"{where}: {len(row) - 1 + len(row[None])} fields, but the header names "
+                               f"{len(row) - 1} columns; quote a value that holds a comma (\"a, b\")")
     numbers: dict[int, str] = {}
     for key in row:
         if isinstance(key, str) and re.fullmatch(r"control_path_\d+", key):
             number = int(key.rsplit("_", 1)[1])
             if number in numbers:
-                return ("bad_row", f"{where}: {numbers[number]} and {key} both give control {number}; keep one")
+                return [], ("bad_row", f"{where}: {numbers[number]} and {key} both give control {number}; keep one")
             numbers[number] = key
-    for key in ["control_path", *numbers.values()]:
+    paths = []
+    for key in ["control_path", *(numbers[n] for n in sorted(numbers))]:
         value = row.get(key)
         values = value if isinstance(value, list) else [value]
         if not all(v is None or isinstance(v, str) for v in values):
-            return ("control_missing", f"{where}: {key} is {value!r}, expected a path (text) or a list of paths")
-    return None
-
-
-def _control_values(row: dict[str, Any]) -> list[str]:
-    """`control_path`, then `control_path_0`, `control_path_1`, ... in numeric order; empty values skipped (the
-    row passed `_row_problem`)."""
-    numbered = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in row.items() if re.fullmatch(r"control_path_\d+", k))
-    values = [row.get("control_path")] + [v for _, v in numbered]
-    out = []
-    for v in values:
-        for one in (v if isinstance(v, list) else [v]):
-            if isinstance(one, str) and one.strip():
-                out.append(one)
-    return out
+            return [], ("control_missing", f"{where}: {key} is {value!r}, expected a path (text) or a list of "
+                                           "paths")
+        paths += [v for v in values if v is not None and v.strip()]
+    return paths, None
 
 
 def read_manifest_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:

@@ -31,16 +31,25 @@ def open_mask(path: str | Path, alpha: bool = False, max_pixels: int = MAX_PIXEL
     (any mode, as luma), or with `alpha` the alpha channel of the image at `path`. Raises ImageError naming the
     file when it cannot be read, or (alpha) when the image has no alpha channel."""
     def convert(im: Image.Image) -> Image.Image:
-        if not alpha:
-            return to_rgb(im).convert("L")
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")
-        if im.mode not in ("RGBA", "LA", "PA", "La", "RGBa"):
-            raise ImageError(f"{path}: has no alpha channel (mode {im.mode}); save it with transparency, or give "
-                             f"the masks in a mask_directory instead of alpha_mask")
-        return im.getchannel("A")
+        return alpha_channel(im, path) if alpha else to_rgb(im).convert("L")
 
     return _decode(path, max_pixels, convert)
+
+
+def open_rgb_and_decoded(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, Image.Image]:
+    """open_rgb's image and the decoded image it was converted from (EXIF-oriented, in its own mode), from one
+    decode: for a caller that also needs the image's alpha_channel."""
+    return _decode(path, max_pixels, lambda im: (to_rgb(im), im))
+
+
+def alpha_channel(im: Image.Image, path: str | Path) -> Image.Image:
+    """The alpha channel of the decoded image `im` (read from `path`) as "L"; ImageError when it has none."""
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode not in ("RGBA", "LA", "PA", "La", "RGBa"):
+        raise ImageError(f"{path}: has no alpha channel (mode {im.mode}); save it with transparency, or give "
+                         f"the masks in a mask_directory instead of alpha_mask")
+    return im.getchannel("A")
 
 
 def _decode(path: str | Path, max_pixels: int, convert) -> Image.Image:

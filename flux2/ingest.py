@@ -20,7 +20,7 @@ from tqdm import tqdm
 from flux2.atomic import atomic_path, atomic_write_json, sha256_file
 from flux2.buckets import control_bucket, select_bucket, target_size
 from flux2.dataset import Entry, collect_sources, describe, list_entries
-from flux2.images import ImageError, open_mask, open_rgb
+from flux2.images import ImageError, alpha_channel, open_mask, open_rgb, open_rgb_and_decoded
 from flux2.params import DatasetParams, EvalParams, SourceParams
 from flux2.user_files import FileTooLarge, UserFileError, check_writable, open_regular, printable, read_limited, \
     utf8_problem
@@ -140,9 +140,13 @@ class IngestResult:
     found: int
     manifest: Path
     report: Path
-    images: int = 0  # distinct images (an image at several resolutions is several items)
     holdout_min_items: int = 0
     holdout_skipped: bool = False  # too few images for a hold-out split: every item trains
+
+    @property
+    def images(self) -> int:
+        """Distinct images (an image at several resolutions is several items)."""
+        return len({i.sha256 for i in self.items})
 
     def buckets(self) -> dict[str, int]:
         """"WxH" -> item count, largest area first."""
@@ -208,7 +212,7 @@ def ingest(dataset: DatasetParams, holdout_fraction: float = 0.1, base: str | Pa
     split_of = dict(zip(images, holdout_split(images, 0.0 if skipped else holdout_fraction)))
     for item in items:
         item.split = split_of[item.sha256]
-    result = IngestResult(items, rejected, len(entries), manifest, report, len(images), holdout_min_items, skipped)
+    result = IngestResult(items, rejected, len(entries), manifest, report, holdout_min_items, skipped)
     report_data = build_report(result, sources, dataset, holdout_fraction, base)
     if not items:
         atomic_write_json(report, report_data)
@@ -224,14 +228,17 @@ def check_entry(entry: Entry, source: SourceParams, dataset: DatasetParams, base
     """Decode and check one entry; raises Rejected with the first problem found. The split is set later."""
     if entry.problem:
         raise Rejected(*entry.problem)
-    for path in (entry.image, *entry.controls):
+    masks = [entry.mask] if entry.mask is not None and not source.alpha_mask else []  # alpha: the image itself
+    for path in (entry.image, *entry.controls, *masks):
         if problem := utf8_problem(path):
             raise Rejected("bad_file_name", problem)
-    width, height, sha = check_image(entry.image, dataset.min_side, dataset.max_pixels)
+    width, height, sha, decoded = check_image(entry.image, dataset.min_side, dataset.max_pixels, source.alpha_mask)
     caption = read_caption(entry)
     controls = [check_control(p, dataset.max_pixels, base) for p in entry.controls]
-    mask = check_mask(entry.mask, source.alpha_mask, (width, height), dataset.max_pixels, base) if entry.mask \
-        else None
+    if source.alpha_mask:
+        mask = check_alpha_mask(decoded, entry.image, sha, base)
+    else:
+        mask = check_mask(entry.mask, (width, height), dataset.max_pixels, base) if entry.mask else None
     bucket = select_bucket(width, height, source.resolution, source.enable_bucket, source.bucket_no_upscale)
     for c in controls:
         c.bucket_width, c.bucket_height = control_bucket(c.width, c.height, bucket, source.no_resize_control,
@@ -242,8 +249,10 @@ def check_entry(entry: Entry, source: SourceParams, dataset: DatasetParams, base
                 batch_size=source.batch_size, mask=mask)
 
 
-def check_image(path: Path, min_side: int, max_pixels: int) -> tuple[int, int, str]:
-    """(width, height after EXIF orientation, sha256 of the file) of a usable image; raises Rejected.
+def check_image(path: Path, min_side: int, max_pixels: int, alpha: bool = False
+                ) -> tuple[int, int, str, Image.Image | None]:
+    """(width, height after EXIF orientation, sha256 of the file, the decoded image when `alpha`: its alpha channel
+    is the mask) of a usable image; raises Rejected.
 
     The size is checked from the header first, so a file that claims 30000x30000 is refused before decoding.
     Rotation does not change the shorter side or the pixel count, so the header size is enough for that.
@@ -255,10 +264,10 @@ def check_image(path: Path, min_side: int, max_pixels: int) -> tuple[int, int, s
     if min(w, h) < min_side:
         raise Rejected("too_small", f"{w}x{h}: the shorter side is under dataset.min_side ({min_side})")
     try:
-        im = open_rgb(path, max_pixels)
+        im, decoded = open_rgb_and_decoded(path, max_pixels) if alpha else (open_rgb(path, max_pixels), None)
     except ImageError as e:
         raise Rejected("unreadable", _strip_path(e, path)) from None
-    return im.width, im.height, sha256_file(path)
+    return im.width, im.height, sha256_file(path), decoded
 
 
 def probe_size(path: Path) -> tuple[int, int]:
@@ -285,22 +294,37 @@ def check_control(path: Path, max_pixels: int, base: Path) -> Control:
     return Control(relative(path, base), sha256_file(path), im.width, im.height)
 
 
-def check_mask(path: Path, alpha: bool, size: tuple[int, int], max_pixels: int, base: Path) -> Mask:
-    """A usable loss mask of an image of `size`; raises Rejected('mask_missing' / 'mask_unusable')."""
+def check_mask(path: Path, size: tuple[int, int], max_pixels: int, base: Path) -> Mask:
+    """A usable loss mask file (mask_directory) of an image of `size`; raises Rejected('mask_missing' /
+    'mask_unusable')."""
     if not path.is_file():
         raise Rejected("mask_missing", f"{relative(path, base)} does not exist")
     try:
-        mask = open_mask(path, alpha, max_pixels)
+        mask = open_mask(path, max_pixels=max_pixels)
     except ImageError as e:
-        reason = "mask_missing" if alpha and "no alpha channel" in str(e) else "mask_unusable"
-        raise Rejected(reason, f"{relative(path, base)}: {_strip_path(e, path)}") from None
+        raise Rejected("mask_unusable", f"{relative(path, base)}: {_strip_path(e, path)}") from None
     if mask.size != size:
         raise Rejected("mask_unusable", f"{relative(path, base)} is {mask.width}x{mask.height}, its image "
                                         f"{size[0]}x{size[1]}; masks must have their image's size")
+    _check_not_black(mask, path, base)
+    return Mask(relative(path, base), sha256_file(path), False)
+
+
+def check_alpha_mask(decoded: Image.Image, path: Path, sha: str, base: Path) -> Mask:
+    """The alpha channel of the image at `path` (`decoded` by check_image; sha256 `sha`) as a usable loss mask;
+    raises Rejected('mask_missing' / 'mask_unusable')."""
+    try:
+        mask = alpha_channel(decoded, path)
+    except ImageError as e:
+        raise Rejected("mask_missing", f"{relative(path, base)}: {_strip_path(e, path)}") from None
+    _check_not_black(mask, path, base)
+    return Mask(relative(path, base), sha, True)
+
+
+def _check_not_black(mask: Image.Image, path: Path, base: Path) -> None:
     if mask.getextrema()[1] == 0:
         raise Rejected("mask_unusable", f"{relative(path, base)} is black everywhere: nothing would be learned "
                                         f"from this image")
-    return Mask(relative(path, base), sha256_file(path), alpha)
 
 
 def read_caption(entry: Entry) -> str:
@@ -416,11 +440,13 @@ def build_report(result: IngestResult, sources: list[SourceParams], dataset: Dat
         "buckets": result.buckets(),
         "images": result.images,
         "holdout_note": holdout_note(result),
-        "sources": [{"index": i, "description": describe(s), "resolution": s.resolution,
+        # printable: a folder name that is not UTF-8 must still fit the report (its items are bad_file_name)
+        "sources": [{"index": i, "description": printable(describe(s)), "resolution": s.resolution,
                      "enable_bucket": s.enable_bucket, "bucket_no_upscale": s.bucket_no_upscale,
                      "num_repeats": s.num_repeats, "batch_size": s.batch_size,
                      "no_resize_control": s.no_resize_control, "control_resolution": s.control_resolution,
-                     "masks": "alpha" if s.alpha_mask else s.mask_directory, "used": used[i]}
+                     "masks": "alpha" if s.alpha_mask else printable(s.mask_directory) if s.mask_directory else None,
+                     "used": used[i]}
                     for i, s in enumerate(sources)],
         "manifest": relative(result.manifest, base),
         "settings": {"min_side": dataset.min_side, "max_pixels": dataset.max_pixels, "on_error": dataset.on_error,

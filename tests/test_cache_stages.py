@@ -16,10 +16,11 @@ from PIL import Image
 
 from flux2 import cli
 from flux2.cache_latents import ITEMS_FILE, ae_fingerprint, latent_key, read_item_map
-from flux2.cache_store import INDEX_FILE, CacheError, CacheReader, check_cache_compatible, read_index
+from flux2.cache_store import INDEX_FILE, CacheError, CacheReader, build_cache, check_cache_compatible, read_index
 from flux2.cache_text import PROMPTS_FILE, read_prompt_map
 from flux2.ingest import ingest, read_manifest
 from flux2.params import load_params
+from tests.test_cache_store import META, Encoder, jobs_for
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -334,6 +335,38 @@ def test_two_processes_give_the_same_index_as_one(project):
     assert {r["shard"].split("-")[-2] for r in read_index(root / "c2")[0]} == {"r0", "r1"}  # each rank wrote shards
     assert not list((root / "c2").glob("index.part-*"))
     assert pq.read_table(root / "c1" / ITEMS_FILE).equals(pq.read_table(root / "c2" / ITEMS_FILE))
+
+
+# The stand-in encoder of test_cache_store, in each process of a two-process build_cache with a shared store.
+TWO_RANKS = """\
+import json, sys
+from pathlib import Path
+from flux2.cache_store import Dist, build_cache
+from tests.test_cache_store import META, Encoder, jobs_for
+
+root, dist, enc = Path(sys.argv[1]), Dist(), Encoder()
+stats = build_cache(root / "b", jobs_for(range(8)), META, enc.load, enc, batch_size=3, shard_mb=1, dist=dist,
+                    progress=False, store=root / "store")
+(root / f"stats-r{dist.rank}.json").write_text(json.dumps([stats.wanted, stats.reused, stats.from_store,
+                                                           stats.recovered, stats.encoded, stats.shards]))
+dist.state.destroy_process_group()  # a gloo process that exits without it may abort
+"""
+
+
+@pytest.mark.slow
+def test_with_a_shared_store_every_process_returns_the_same_counts(tmp_path):
+    enc = Encoder()  # six entries go into the store from another folder
+    build_cache(tmp_path / "a", jobs_for(range(6)), META, enc.load, enc, batch_size=3, shard_mb=1, progress=False,
+                store=tmp_path / "store")
+    (tmp_path / "two_ranks.py").write_text(TWO_RANKS)
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", str(free_port()), str(tmp_path / "two_ranks.py"), str(tmp_path)],
+                         env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr[-3000:]
+    counts = [json.loads((tmp_path / f"stats-r{r}.json").read_text()) for r in (0, 1)]
+    # wanted, reused, from_store, recovered, encoded, shards
+    assert counts[0] == counts[1] == [8, 6, 6, 0, 2, 3], counts
 
 
 # ------------------------------------------------------------------------------------------------ dvc repro

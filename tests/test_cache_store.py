@@ -198,6 +198,22 @@ def test_bit_flip_is_named_on_read_and_reencoded_on_the_next_run(tmp_path):
         assert torch.equal(reader.get(job.key), value(job.payload))
 
 
+def test_shards_of_the_store_are_linked_in_and_verified_like_the_folders_own(tmp_path):
+    store, enc = tmp_path / "store", Encoder()
+    build_cache(tmp_path / "a", jobs_for(range(5)), META, enc.load, enc, batch_size=3, shard_mb=1, progress=False,
+                store=store)
+    (shard,) = (store / "latents").iterdir()
+    flip_byte(shard)  # inside the last tensor's data
+    jobs, enc = jobs_for(range(6)), Encoder()
+    stats = build_cache(tmp_path / "c", jobs, META, enc.load, enc, batch_size=3, shard_mb=1, progress=False,
+                        store=store)
+    assert (stats.from_store, stats.damaged, stats.encoded, stats.recovered) == (4, 1, 2, 0) and 5 in enc.seen
+    assert (tmp_path / "c" / SHARD_DIR / shard.name).samefile(shard)  # a hard link, not a copy
+    reader = CacheReader(tmp_path / "c")
+    for job in jobs:
+        assert torch.equal(reader.get(job.key), value(job.payload))
+
+
 def test_truncated_shard_is_named_and_its_entries_reencoded(tmp_path):
     jobs = jobs_for(range(5))
     build(tmp_path, jobs)

@@ -30,8 +30,9 @@ from tests.reliability.helpers import leftovers, one_line_error, within
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="FIFOs, /dev/zero and byte file names are Linux's")
 
 
-def write_image(path: Path | bytes, colour: tuple[int, int, int], caption: str | None = None) -> None:
-    Image.new("RGB", (64, 48), colour).save(path, format="PNG")
+def write_image(path: Path | bytes, colour: tuple[int, int, int], caption: str | None = None,
+                size: tuple[int, int] = (64, 48)) -> None:
+    Image.new("RGB", size, colour).save(path, format="PNG")
     if caption is not None:
         caption_path = (os.fsencode(path)[:-4] + b".txt") if isinstance(path, bytes) else path.with_suffix(".txt")
         with open(caption_path, "w", encoding="utf-8") as f:
@@ -111,6 +112,32 @@ def test_bad_files_and_rows_are_listed_skips_and_the_rest_is_ingested(tmp_path, 
     used = sorted(r["image_path"] for r in pq.read_table(tmp_path / "data/manifest.parquet").to_pylist())
     assert used == ["ds/good0.png", "ds/good1.png", "ds/good2.png", "m/c2.png", "m/j1.png", "m/p1.png"]
     assert "caf\\xe9.png" in capsys.readouterr().out  # the printed summary names it too
+
+
+def test_masks_whose_names_are_not_utf8_are_listed_skips_like_such_images(tmp_path, monkeypatch):
+    """A musubi TOML in a Latin-1 folder, its mask_directory beside it: the masks' names are not UTF-8 (their
+    images' are). Those items are bad_file_name skips (they used to stop ingest with a UnicodeEncodeError when the
+    manifest was written), and so are the items of an image_directory beside it."""
+    for name, colour in (("ds", (9, 90, 9)), ("plain", (9, 9, 90))):
+        (tmp_path / name).mkdir()
+        write_image(tmp_path / name / "a.png", colour, "a picture", (64, 64))  # dataset.min_side is 64
+    cfg = os.fsencode(tmp_path) + b"/cfg\xe9"
+    os.makedirs(cfg + b"/masks")
+    os.makedirs(cfg + b"/images")
+    Image.new("L", (64, 64), 255).save(cfg + b"/masks/a.png")
+    write_image(cfg + b"/images/b.png", (90, 9, 9), "a picture in the Latin-1 folder", (64, 64))
+    with open(cfg + b"/ds.toml", "w") as f:
+        f.write(f'[general]\nresolution = 64\n[[datasets]]\nimage_directory = "{tmp_path / "ds"}"\n'
+                f'mask_directory = "masks"\n[[datasets]]\nimage_directory = "images"\n'
+                f'[[datasets]]\nimage_directory = "{tmp_path / "plain"}"\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["ingest", "--dataset_config", os.fsdecode(cfg + b"/ds.toml"), "--holdout_fraction", "0"]) == 0
+    report = json.loads((tmp_path / "reports/ingest.json").read_text(encoding="utf-8"))
+    assert {r["path"]: reason for reason, rows in report["rejected"].items() for r in rows} == {
+        "ds/a.png": "bad_file_name", "cfg\\xe9/images/b.png": "bad_file_name"}
+    assert "cfg\\xe9/masks/a.png is not valid UTF-8" in report["rejected"]["bad_file_name"][0]["detail"]
+    assert report["sources"][0]["masks"].endswith("cfg\\xe9/masks")
+    assert [r["image_path"] for r in pq.read_table(tmp_path / "data/manifest.parquet").to_pylist()] == ["plain/a.png"]
 
 
 @pytest.mark.parametrize("case, names", [
