@@ -60,7 +60,7 @@ def select_bucket(image_width: int, image_height: int, resolution: int | list[in
                              f"of {step}; use {floor_to(width, step) or step}x{floor_to(height, step) or step}")
         return width, height
     if no_upscale and image_width * image_height <= width * height:
-        return max(step, floor_to(image_width, step)), max(step, floor_to(image_height, step))
+        return fit_area(image_width, image_height, None, step)
     return nearest_bucket(image_width, image_height, bucket_resolutions(width, height, step))
 
 

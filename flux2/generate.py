@@ -14,7 +14,6 @@ import gc
 import json
 import math
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +145,7 @@ def prompt_jobs(opts: GenerateOptions, variant: Variant) -> list[PromptJob]:
 def check_lora_files(opts: GenerateOptions) -> None:
     """The LoRA options fit together and every file is a LoRA in a known layout (headers only, before any model
     loads; shapes are checked against the DiT when it is there)."""
+    from flux2.lora import compile_patterns
     from flux2.lora_formats import detect_format
     from flux2.safetensors_io import tensor_shapes
 
@@ -157,13 +157,8 @@ def check_lora_files(opts: GenerateOptions) -> None:
                              "file, or a single one for all")
         if values and not n and name != "--lora_multiplier":
             raise ValueError(f"{name} is given without --lora_weight")
-    for name, patterns in (("--include_patterns", opts.include_patterns), ("--exclude_patterns",
-                                                                           opts.exclude_patterns)):
-        for pattern in patterns or []:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"{name} {pattern!r} is not a valid regular expression ({e})") from None
+    compile_patterns(opts.include_patterns or [], "--include_patterns")
+    compile_patterns(opts.exclude_patterns or [], "--exclude_patterns")
     if opts.save_merged_model and not n:
         raise ValueError("--save_merged_model needs --lora_weight: there is nothing to merge")
     for path in opts.lora_weight:

@@ -174,13 +174,15 @@ def linear_modules(dit: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in dit.named_modules() if isinstance(m, LINEAR_TYPES)}
 
 
-def _compile(patterns: Iterable[str], what: str) -> list[re.Pattern]:
+def compile_patterns(patterns: Iterable[str], option: str) -> list[re.Pattern]:
+    """The regexes of the option `option` (e.g. train.include_patterns), compiled; ValueError naming the option and
+    the pattern when one is not a valid regular expression."""
     compiled = []
     for p in patterns:
         try:
             compiled.append(re.compile(p))
         except re.error as e:
-            raise ValueError(f"LoRA {what} pattern {p!r} is not a valid regular expression: {e}") from None
+            raise ValueError(f"{option} {p!r} is not a valid regular expression ({e})") from None
     return compiled
 
 
@@ -190,8 +192,8 @@ def target_modules(dit: nn.Module, include_patterns: Iterable[str] = (), exclude
 
     Every pattern must match at least one Linear, so a typo fails loudly instead of training the wrong set."""
     linears = linear_modules(dit)
-    include = _compile(include_patterns, "include")
-    exclude = _compile(exclude_patterns, "exclude")
+    include = compile_patterns(include_patterns, "train.include_patterns")
+    exclude = compile_patterns(exclude_patterns, "train.exclude_patterns")
     for p in include + exclude:
         if not any(p.fullmatch(path) for path in linears):
             raise ValueError(f"LoRA pattern {p.pattern!r} matches no Linear of the DiT; patterns are fully matched "

@@ -338,6 +338,7 @@ def parse_params(data: dict | None, source: str = "params.yaml") -> Params:
     """Typed Params from a parsed YAML mapping; ParamsError (prefixed by `source`) on the first problem."""
     try:
         params = _build(Params, data or {}, "")
+        params.train.compile = parse_auto_bool(params.train.compile, "train.compile")
         check_semantics(params)
         return params
     except ParamsError as e:
@@ -444,12 +445,6 @@ def check_semantics(p: Params) -> None:
     if p.model.blocks_to_swap < 0 or p.model.blocks_to_swap > VARIANTS[p.model.model_version].max_blocks_to_swap:
         raise ParamsError(f"model.blocks_to_swap: {p.model.blocks_to_swap} is outside 0.."
                           f"{VARIANTS[p.model.model_version].max_blocks_to_swap} for {p.model.model_version}")
-    for key, value in (("train.network_dim", t.network_dim), ("train.batch_size", t.batch_size),
-                       ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
-                       ("cache.shard_mb", p.cache.shard_mb), ("cache.batch_size", p.cache.batch_size),
-                       ("train.max_bad_steps", t.max_bad_steps)):
-        if value < 1:
-            raise ParamsError(f"{key}: must be at least 1, got {value}")
     for key, value in (("train.save_every_n_epochs", t.save_every_n_epochs),
                        ("train.sample_every_n_epochs", t.sample_every_n_epochs)):
         if value < 0:
@@ -459,8 +454,6 @@ def check_semantics(p: Params) -> None:
                           "set; name a prompt file there, or set 0")
     if t.ema_decay is not None and not 0.0 <= t.ema_decay < 1.0:
         raise ParamsError(f"train.ema_decay: must be in (0, 1), e.g. 0.999 (null or 0: no EMA), got {t.ema_decay}")
-    if p.eval.holdout_min_items < 0:
-        raise ParamsError(f"eval.holdout_min_items: must be at least 0, got {p.eval.holdout_min_items}")
     if t.max_train_steps is None and t.max_train_epochs is None:
         raise ParamsError("train.max_train_steps: set it or train.max_train_epochs")
     for key, value in (("train.caption_dropout_rate", t.caption_dropout_rate),
@@ -504,6 +497,10 @@ def check_ranges(p: Params) -> None:
     can load, and resolutions that fit dataset.max_pixels: each refused by its key before any work starts."""
     t, d = p.train, p.dataset
     at_least = [
+        ("train.network_dim", t.network_dim, 1),
+        ("train.batch_size", t.batch_size, 1),
+        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
+        ("train.max_bad_steps", t.max_bad_steps, 1),
         ("train.max_train_steps", t.max_train_steps, 1),  # None (use max_train_epochs) is fine
         ("train.max_train_epochs", t.max_train_epochs, 1),
         ("train.log_every_n_steps", t.log_every_n_steps, 1),
@@ -515,7 +512,10 @@ def check_ranges(p: Params) -> None:
         ("train.max_grad_norm", t.max_grad_norm, 0),  # 0: no clipping
         ("dataset.min_side", d.min_side, 1),
         ("dataset.max_pixels", d.max_pixels, 1),
+        ("cache.shard_mb", p.cache.shard_mb, 1),
+        ("cache.batch_size", p.cache.batch_size, 1),
         ("eval.infer_steps", p.eval.infer_steps, 1),
+        ("eval.holdout_min_items", p.eval.holdout_min_items, 0),
     ]
     for key, value, low in at_least:
         if value is not None and value < low:
@@ -550,7 +550,6 @@ def parse_auto_bool(value: bool | str, key: str) -> bool | str:
 
 def _check_speed_options(p: Params) -> None:
     t, variant = p.train, VARIANTS[p.model.model_version]
-    t.compile = parse_auto_bool(t.compile, "train.compile")
     blocks = variant.depth + variant.depth_single_blocks
     n = t.gradient_checkpointing_blocks
     if n is not None:

@@ -6,6 +6,7 @@ import torch
 
 from flux2.autoencoder import AutoEncoder, patchify, unpatchify
 from flux2.variants import VARIANTS, AutoEncoderConfig
+from tests.conftest import rel_err
 from tests.oracles.ae import load_oracle, oracle_decode, oracle_encode
 
 REL_TOL = 1e-4  # fp32 parity with diffusers: relative L2 error below this
@@ -13,10 +14,6 @@ REL_TOL = 1e-4  # fp32 parity with diffusers: relative L2 error below this
 TINY = VARIANTS["tiny"].ae
 # A second shape: three levels (downscale 8), more blocks per level, fewer groups, another bn eps.
 SMALL = AutoEncoderConfig(ch=16, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=4, norm_groups=8, bn_eps=1e-3)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def random_ae(cfg: AutoEncoderConfig, seed: int = 0) -> AutoEncoder:

@@ -11,10 +11,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from flux2 import sampling
 from flux2.block_swap import NO_CUDA, BlockSwap, enable_block_swap, max_blocks_to_swap, split_blocks_to_swap
 from flux2.model import Flux2Transformer
 from flux2.variants import VARIANTS
+from tests.conftest import dit_inputs, random_dit
 
 OFFICIAL = ["dev", "klein-4b", "klein-base-4b", "klein-9b", "klein-base-9b"]
 # A tiny-width variant with enough blocks to swap some (the real tiny's 2 + 2 blocks allow none).
@@ -106,21 +106,9 @@ def test_cpu_is_refused_even_with_cuda(device):
 # ------------------------------------------------------------------ the hooks, on CPU
 
 
-def random_model(variant=SWAPPY, seed=0) -> Flux2Transformer:
-    torch.manual_seed(seed)
-    model = Flux2Transformer(variant)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    return model.requires_grad_(False).eval()
-
-
-def inputs(variant=SWAPPY, batch=1, h=4, w=4, txt=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, h * w, variant.in_channels, generator=g)
-    ctx = torch.randn(batch, txt, variant.context_in_dim, generator=g)
-    return (x, sampling.latent_ids(batch, h, w), torch.rand(batch, generator=g), ctx,
-            sampling.text_ids(batch, txt))
+def random_model(variant=SWAPPY) -> Flux2Transformer:
+    """A random DiT, frozen: block swap moves the frozen tensors only."""
+    return random_dit(variant).requires_grad_(False)
 
 
 def frozen_tensors(block: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -142,8 +130,8 @@ def test_hooks_compute_with_copies_and_restore_originals():
     for pos in swap.swapped:
         swap.blocks[pos].register_forward_pre_hook(spy(pos))
     with torch.no_grad():
-        out = model(*inputs())
-        torch.testing.assert_close(out, reference(*inputs()), rtol=0, atol=0)
+        out = model(*dit_inputs(SWAPPY))
+        torch.testing.assert_close(out, reference(*dit_inputs(SWAPPY)), rtol=0, atol=0)
     assert seen.keys() == set(swap.swapped)
     assert not any(any(v.values()) for v in seen.values())  # every frozen tensor was a copy during forward
     for pos in swap.swapped:  # and the very same original objects afterwards
@@ -170,7 +158,7 @@ def test_prefetches_the_next_swapped_block():
     swap = BlockSwap(model, 2, 3, torch.device("cpu"))
     log = watch(swap)
     with torch.no_grad():
-        model(*inputs())
+        model(*dit_inputs(SWAPPY))
     assert log == [(0, False, [2]), (1, False, [2]), (2, True, [3]), (3, True, [7]), (4, False, [7]),
                    (5, False, [7]), (6, False, [7]), (7, True, [8]), (8, True, [9]), (9, True, [])]
 
@@ -198,7 +186,7 @@ def test_training_gradients_match(checkpointing):
     swap = BlockSwap(model, 2, 3, torch.device("cpu"))
     log = watch(swap)
 
-    x, x_ids, t, ctx, ctx_ids = inputs()
+    x, x_ids, t, ctx, ctx_ids = dit_inputs(SWAPPY)
     model(x, x_ids, t, ctx, ctx_ids).square().mean().backward()
     reference(x, x_ids, t, ctx, ctx_ids).square().mean().backward()
     for name in ("single_blocks.5.linear2.weight", "double_blocks.3.img_attn.proj.weight"):
@@ -244,7 +232,7 @@ def test_cuda_streaming_matches_resident_model(checkpointing):
     assert model.single_blocks[-1].linear1.weight.is_pinned()
     assert model.single_blocks[-1].linear2.weight.device == reference.img_in.weight.device  # trainable: on GPU
     assert model.img_in.weight.device.type == "cuda"
-    args = [a.to(device) for a in inputs(batch=2, h=8, w=8)]
+    args = [a.to(device) for a in dit_inputs(SWAPPY, batch=2, h=8, w=8)]
     for _ in range(2):  # twice: the second forward starts from the state the first left
         with torch.no_grad():
             torch.testing.assert_close(model(*args), reference(*args), rtol=1e-5, atol=1e-5)

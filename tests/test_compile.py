@@ -13,15 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux2 import sampling
 from flux2.block_swap import BlockSwap
 from flux2.compile import compile_blocks, is_compiled, uncompile_blocks
 from flux2.lora import create_network
 from flux2.model import Flux2Transformer
-from flux2.variants import VARIANTS
-from tests.test_model import rel_err
+from tests.conftest import dit_inputs, generate_args, random_dit, rel_err
 
-TINY = VARIANTS["tiny"]
 REL = 1e-5
 
 
@@ -42,11 +39,7 @@ if BACKEND not in torch._dynamo.list_backends(exclude_tags=()):
 
 
 def lora_dit(seed: int = 0) -> tuple[Flux2Transformer, torch.nn.Module]:
-    torch.manual_seed(seed)
-    dit = Flux2Transformer(TINY)
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.normal_(0, 0.05)
+    dit = random_dit(seed=seed)
     dit.requires_grad_(False)
     dit.gradient_checkpointing = True
     network = create_network(dit, 4, 4)
@@ -57,14 +50,8 @@ def lora_dit(seed: int = 0) -> tuple[Flux2Transformer, torch.nn.Module]:
     return dit.train(), network
 
 
-def inputs(seed: int, h: int = 4, w: int = 4, txt: int = 8):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, h * w, 128, generator=g), sampling.latent_ids(2, h, w), torch.rand(2, generator=g),
-            torch.randn(2, txt, TINY.context_in_dim, generator=g), sampling.text_ids(2, txt))
-
-
 def step(dit, network, seed: int):
-    out = dit(*inputs(seed))
+    out = dit(*dit_inputs(batch=2, seed=seed))
     out.square().mean().backward()
     grads = [p.grad.clone() for p in network.parameters()]
     network.zero_grad(set_to_none=True)
@@ -166,10 +153,8 @@ def test_train_and_generate_compile_through_the_cli(pipeline, tiny_model, tmp_pa
     assert len(GRAPHS) > before  # the blocks were compiled
     out = tmp_path / "generated"
     before = len(GRAPHS)
-    assert main(["generate", "--model_version", "tiny", "--dit", str(tiny_model["dit"]), "--vae",
-                 str(tiny_model["vae"]), "--text_encoder", str(tiny_model["text_encoder"]), "--prompt", "a red circle",
-                 "--image_size", "64", "64", "--infer_steps", "2", "--seed", "1", "--device", "cpu", "--save_path",
-                 str(out), "--output_type", "latent", "--compile", "true"]) == 0
+    assert main(generate_args(tiny_model, out, "--prompt", "a red circle", "--image_size", "64", "64", "--infer_steps",
+                              "2", "--seed", "1", "--output_type", "latent", "--compile", "true")) == 0
     (path,) = out.glob("*_latent.safetensors")
     assert torch.isfinite(load_file(path)["latent"]).all()
     assert len(GRAPHS) > before  # sampling ran the compiled blocks (no-grad graphs)

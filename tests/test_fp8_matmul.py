@@ -22,7 +22,8 @@ from flux2.fp8_matmul import Fp8MatmulLinear, use_fp8_matmuls
 from flux2.lora import LoRAModule, add_to_weight
 from flux2.model import Flux2Transformer
 from flux2.variants import VARIANTS
-from tests.test_quantize import quantised, rel
+from tests.conftest import rel_err
+from tests.test_quantize import quantised
 
 PRODUCT_REL, BLOCK_REL, BLOCK_GRAD_REL = 0.05, 0.01, 0.02
 
@@ -37,7 +38,7 @@ def test_one_product_and_its_input_gradient():
     g = torch.randn(2, 10, 384)
     (dx,) = torch.autograd.grad(fp8(x), x, g)
     (dx_ref,) = torch.autograd.grad(linear(x), x, g)
-    assert rel(fp8(x), linear(x)) < PRODUCT_REL and rel(dx, dx_ref) < PRODUCT_REL
+    assert rel_err(fp8(x), linear(x)) < PRODUCT_REL and rel_err(dx, dx_ref) < PRODUCT_REL
     assert not fp8.weight.requires_grad
 
 
@@ -71,7 +72,7 @@ def test_a_block_stays_within_one_percent_of_the_bf16_path(kind):
         results.append((out.detach(), args[0].grad))
     (out, grad), (out8, grad8) = results
     assert out8.dtype == torch.bfloat16
-    assert rel(out8, out) < BLOCK_REL and rel(grad8, grad) < BLOCK_GRAD_REL
+    assert rel_err(out8, out) < BLOCK_REL and rel_err(grad8, grad) < BLOCK_GRAD_REL
 
 
 def test_lora_beside_the_fp8_product_trains_and_merges():
@@ -86,7 +87,7 @@ def test_lora_beside_the_fp8_product_trains_and_merges():
     assert lora.lora_down.weight.grad is not None and lora.lora_down.weight.dtype == torch.float32
     lora.remove()
     add_to_weight(fp8, lora.weight_delta())  # re-quantised with its row-wise block size
-    assert fp8.scale_weight.shape == (64, 1, 1) and rel(fp8(x), out.detach()) < PRODUCT_REL
+    assert fp8.scale_weight.shape == (64, 1, 1) and rel_err(fp8(x), out.detach()) < PRODUCT_REL
 
 
 def test_training_with_fp8_matmuls_through_the_cli(pipeline):

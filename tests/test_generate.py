@@ -9,6 +9,7 @@ from flux2.autoencoder import unpatchify
 from flux2.cli import main
 from flux2.loading import load_ae
 from flux2.variants import VARIANTS
+from tests.conftest import generate_args
 from tests.oracles.ae import load_oracle
 from tests.oracles.dit import diffusers_transformer, dit_to_diffusers
 
@@ -31,11 +32,9 @@ def diffusers_pipeline(files, distilled):
 
 
 def run_ours(files, out, model_version, extra=()):
-    args = ["generate", "--model_version", model_version, "--dit", str(files["dit"]), "--vae", str(files["vae"]),
-            "--text_encoder", str(files["text_encoder"]), "--prompt", "a red circle on a blue background",
-            "--image_size", "64", "96", "--infer_steps", "4", "--seed", "7", "--device", "cpu", "--dtype",
-            "float32", "--save_path", str(out), "--output_type", "latent_images", *extra]
-    assert main(args) == 0
+    assert main(generate_args(files, out, "--prompt", "a red circle on a blue background", "--image_size", "64", "96",
+                              "--infer_steps", "4", "--seed", "7", "--dtype", "float32", "--output_type",
+                              "latent_images", *extra, model_version=model_version)) == 0
     (latent_file,) = out.glob("*_latent.safetensors")
     (png,) = out.glob("*.png")
     assert Image.open(png).size == (96, 64)
@@ -88,16 +87,12 @@ def test_generate_with_reference_image_matches_diffusers(tiny_model, tmp_path):
 
 def test_too_small_reference_is_a_clear_error(tiny_model, tmp_path, capsys):
     Image.new("RGB", (32, 64)).save(tmp_path / "small.png")
-    args = ["generate", "--model_version", "tiny", "--dit", str(tiny_model["dit"]), "--vae", str(tiny_model["vae"]),
-            "--text_encoder", str(tiny_model["text_encoder"]), "--prompt", "x", "--image_size", "64", "64",
-            "--save_path", str(tmp_path), "--control_image_path", str(tmp_path / "small.png")]
+    args = generate_args(tiny_model, tmp_path, "--prompt", "x", "--image_size", "64", "64", "--control_image_path",
+                         str(tmp_path / "small.png"))
     assert main(args) == 2
     assert "small.png: reference image 32x64 must have both sides at least 64" in capsys.readouterr().err
 
 
 def test_bad_image_size_is_a_clear_error(tiny_model, tmp_path, capsys):
-    args = ["generate", "--model_version", "tiny", "--dit", str(tiny_model["dit"]), "--vae", str(tiny_model["vae"]),
-            "--text_encoder", str(tiny_model["text_encoder"]), "--prompt", "x", "--image_size", "100", "64",
-            "--save_path", str(tmp_path)]
-    assert main(args) == 2
+    assert main(generate_args(tiny_model, tmp_path, "--prompt", "x", "--image_size", "100", "64")) == 2
     assert "nearest valid size is 96x64" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from flux2.cli import main
 from flux2.lora_formats import read_lora, to_kohya, write_lora
+from tests.conftest import generate_args
 from tests.datasets import copy_pipeline
 
 PROMPT = "a red circle on a blue background"
@@ -43,11 +44,8 @@ def lora(cached_pipeline, tmp_path_factory):
 
 def generate(tiny_model, out, *extra, prompt=("--prompt", PROMPT)):
     """Run `flux2 generate` for a 64x64 latent (seed 7, 4 steps, fp32, CPU); returns the latents by file name."""
-    args = ["generate", "--model_version", "tiny", "--dit", str(tiny_model["dit"]), "--vae", str(tiny_model["vae"]),
-            "--text_encoder", str(tiny_model["text_encoder"]), *prompt, "--image_size", "64", "64",
-            "--infer_steps", "4", "--seed", "7", "--device", "cpu", "--dtype", "float32", "--save_path", str(out),
-            "--output_type", "latent", *extra]
-    assert main(args) == 0
+    assert main(generate_args(tiny_model, out, *prompt, "--image_size", "64", "64", "--infer_steps", "4", "--seed",
+                              "7", "--dtype", "float32", "--output_type", "latent", *extra)) == 0
     return {p.name: load_file(p)["latent"] for p in sorted(out.glob("*_latent.safetensors"))}
 
 
@@ -142,11 +140,8 @@ def bad_lora(path, module, down_shape, up_shape):
 
 
 def generate_error(tiny_model, tmp_path, capsys, lora_path):
-    args = ["generate", "--model_version", "tiny", "--dit", str(tiny_model["dit"]), "--vae", str(tiny_model["vae"]),
-            "--text_encoder", str(tiny_model["text_encoder"]), "--prompt", PROMPT, "--image_size", "64", "64",
-            "--infer_steps", "1", "--device", "cpu", "--save_path", str(tmp_path / "out"),
-            "--lora_weight", str(lora_path)]
-    assert main(args) == 2
+    assert main(generate_args(tiny_model, tmp_path / "out", "--prompt", PROMPT, "--image_size", "64", "64",
+                              "--infer_steps", "1", "--lora_weight", str(lora_path))) == 2
     assert not (tmp_path / "out").exists()
     return capsys.readouterr().err
 

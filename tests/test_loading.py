@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flux2 import sampling
 from flux2.autoencoder import AutoEncoder
 from flux2.fp8 import FP8_DTYPE, Fp8Linear, dit_block_linear
 from flux2.loading import (check_ae_shapes, check_dit, check_dit_shapes, detect_variant_family,
@@ -19,33 +18,13 @@ from flux2.model import Flux2Transformer
 from flux2.safetensors_io import (CheckpointError, load_file, read_header, read_metadata, save_file_atomic,
                                   tensor_shapes)
 from flux2.variants import VARIANTS
+from tests.conftest import dit_inputs, random_dit, rel_err
 
 TINY = VARIANTS["tiny"]
 OFFICIAL = ["dev", "klein-4b", "klein-base-4b", "klein-9b", "klein-base-9b"]
 # fp8_scaled vs bf16 on the tiny random DiT: relative L2 error of the output. e4m3 rounds each block-linear weight
 # by up to 1/16 relative; through the residual stream the output moves by about 0.004 here (bf16 vs fp32: 0.01).
 FP8_REL_TOL = 0.02
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def random_dit(seed: int = 0) -> Flux2Transformer:
-    torch.manual_seed(seed)
-    model = Flux2Transformer(TINY)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    return model.eval()
-
-
-def dit_inputs(batch: int = 1, h: int = 4, w: int = 4, txt: int = 8, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, h * w, TINY.in_channels, generator=g)
-    ctx = torch.randn(batch, txt, TINY.context_in_dim, generator=g)
-    return (x, sampling.latent_ids(batch, h, w), torch.rand(batch, generator=g), ctx,
-            sampling.text_ids(batch, txt))
 
 
 def run(model: Flux2Transformer) -> torch.Tensor:

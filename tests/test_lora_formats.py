@@ -13,7 +13,8 @@ from flux2.lora_formats import (LoRAFormatError, convert_lora, detect_format, di
                                 read_lora, to_diffusers)
 from flux2.model import Flux2Transformer
 from flux2.safetensors_io import load_file, read_metadata, save_file_atomic
-from tests.test_lora import EXTRA, TINY, inputs, random_dit, random_network, rel_err, run
+from tests.conftest import random_dit, rel_err
+from tests.test_lora import EXTRA, TINY, inputs, random_network, run
 
 ALL_OUTSIDE = EXTRA + ["txt_in", "double_stream_modulation_txt.lin", "single_stream_modulation.lin",
                        "final_layer.adaLN_modulation.1", "time_in.out_layer"]

@@ -13,7 +13,8 @@ from flux2.lora_formats import LoRAFormatError, read_lora, write_lora
 from flux2.lycoris import factorization, lokr_layout
 from flux2.network_config import NetworkOptions
 from flux2.safetensors_io import load_file, read_metadata, save_file_atomic
-from tests.test_lora import EXTRA, TINY, diffusers_forward, inputs, random_dit, rel_err, run
+from tests.conftest import random_dit, rel_err
+from tests.test_lora import EXTRA, TINY, diffusers_forward, inputs, run
 
 # fp32 on CPU: the kron / Hadamard products are the same arithmetic, sums in another order.
 DELTA_TOL, OUTPUT_TOL = 1e-6, 1e-5

@@ -5,50 +5,22 @@ from dataclasses import replace
 import pytest
 import torch
 
-from flux2 import sampling
 from flux2.model import Flux2Transformer
 from flux2.variants import VARIANTS
+from tests.conftest import dit_inputs, random_dit, rel_err
 from tests.oracles.dit import diffusers_transformer, dit_to_diffusers
 
 REL_TOL = 1e-4  # fp32, relative L2 error
-
-
-def random_model(variant, seed=0):
-    torch.manual_seed(seed)
-    model = Flux2Transformer(variant)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)  # larger than the init, so every path (incl. zero-init-like ones) matters
-    return model.eval()
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def inputs(variant, batch=2, h=4, w=6, txt=8, refs=(), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, h * w, variant.in_channels, generator=g)
-    x_ids = sampling.latent_ids(batch, h, w)
-    if refs:
-        ref_latents = [torch.randn(batch, variant.in_channels, rh, rw, generator=g) for rh, rw in refs]
-        ref_tokens, ref_ids = sampling.reference_tokens(ref_latents)
-        x = torch.cat([x, ref_tokens], dim=1)
-        x_ids = torch.cat([x_ids, ref_ids], dim=1)
-    ctx = torch.randn(batch, txt, variant.context_in_dim, generator=g)
-    ctx_ids = sampling.text_ids(batch, txt)
-    t = torch.rand(batch, generator=g)
-    return x, x_ids, t, ctx, ctx_ids
 
 
 @pytest.mark.parametrize("guidance", [False, True])
 @pytest.mark.parametrize("refs", [(), ((4, 6), (2, 4))], ids=["t2i", "two_refs"])
 def test_forward_matches_diffusers(guidance, refs):
     variant = replace(VARIANTS["tiny"], use_guidance_embed=guidance)
-    ours = random_model(variant)
+    ours = random_dit(variant)
     theirs = diffusers_transformer(variant).eval()
     theirs.load_state_dict(dit_to_diffusers(ours.state_dict()), strict=True)
-    x, x_ids, t, ctx, ctx_ids = inputs(variant, refs=refs)
+    x, x_ids, t, ctx, ctx_ids = dit_inputs(variant, batch=2, w=6, refs=refs)
     g = torch.tensor([3.5, 1.0]) if guidance else None
     with torch.no_grad():
         a = ours(x, x_ids, t, ctx, ctx_ids, g)
@@ -61,7 +33,7 @@ def test_forward_matches_diffusers(guidance, refs):
 def test_oracle_mapping_equals_diffusers_converter():
     from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 
-    sd = random_model(replace(VARIANTS["tiny"], use_guidance_embed=True)).state_dict()
+    sd = random_dit(replace(VARIANTS["tiny"], use_guidance_embed=True)).state_dict()
     ours = dit_to_diffusers(sd)
     theirs = convert_flux2_transformer_checkpoint_to_diffusers(dict(sd))
     assert ours.keys() == theirs.keys()
@@ -71,9 +43,9 @@ def test_oracle_mapping_equals_diffusers_converter():
 def test_reference_predictions_do_not_change_target_tokens_layout():
     """Appending references changes the target prediction (they are attended to) but not its shape."""
     variant = VARIANTS["tiny"]
-    model = random_model(variant)
-    x, x_ids, t, ctx, ctx_ids = inputs(variant)
-    xr, xr_ids, *_ = inputs(variant, refs=((4, 6),))
+    model = random_dit(variant)
+    x, x_ids, t, ctx, ctx_ids = dit_inputs(variant, batch=2, w=6)
+    xr, xr_ids, *_ = dit_inputs(variant, batch=2, w=6, refs=((4, 6),))
     with torch.no_grad():
         a = model(x, x_ids, t, ctx, ctx_ids)
         b = model(xr, xr_ids, t, ctx, ctx_ids)[:, : x.shape[1]]
@@ -115,7 +87,7 @@ def test_official_key_layout(name, tensors, billions):
 
 
 def test_no_biases_and_interleaved_rope_pairs():
-    model = random_model(VARIANTS["tiny"])
+    model = random_dit(VARIANTS["tiny"])
     assert not any(re.search(r"\.bias$", k) for k in model.state_dict())
     # RoPE rotates adjacent pairs: position 0 on every axis is the identity.
     q = torch.randn(1, 3, 1, VARIANTS["tiny"].head_dim)  # (B, N, heads, D)
@@ -127,10 +99,10 @@ def test_no_biases_and_interleaved_rope_pairs():
 
 def test_gradient_checkpointing_gives_same_gradients():
     variant = VARIANTS["tiny"]
-    x, x_ids, t, ctx, ctx_ids = inputs(variant)
+    x, x_ids, t, ctx, ctx_ids = dit_inputs(variant, batch=2, w=6)
     grads = []
     for ckpt in (False, True):
-        model = random_model(variant).train()
+        model = random_dit(variant).train()
         model.gradient_checkpointing = ckpt
         model(x, x_ids, t, ctx, ctx_ids).square().mean().backward()
         grads.append(model.single_blocks[0].linear1.weight.grad.clone())

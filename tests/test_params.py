@@ -48,6 +48,16 @@ def test_one_line_errors_name_the_key(data, expected):
     assert expected in message and "\n" not in message
 
 
+@pytest.mark.parametrize("group,key,least", [("train", "network_dim", 1), ("train", "batch_size", 1),
+                                             ("train", "gradient_accumulation_steps", 1), ("train", "max_bad_steps", 1),
+                                             ("cache", "shard_mb", 1), ("cache", "batch_size", 1),
+                                             ("eval", "holdout_min_items", 0)])
+def test_counts_below_their_least_value_name_the_key(group, key, least):
+    data = {"dataset": {"sources": [{"image_directory": "x"}]}, group: {key: least - 1}}
+    assert error(data) == f"params.yaml: {group}.{key}: must be at least {least}, got {least - 1}"
+    assert getattr(getattr(parse_params({**data, group: {key: least}}), group), key) == least
+
+
 def test_missing_paths_and_wrong_text_encoder(tmp_path, tiny_model):
     p = tmp_path / "params.yaml"
     p.write_text("model:\n  dit: nowhere.safetensors\ndataset:\n  sources: [{image_directory: x}]\n")

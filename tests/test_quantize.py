@@ -19,14 +19,11 @@ from flux2.model import DoubleStreamBlock, EmbedND, Flux2Transformer, SingleStre
 from flux2.quantize import builder, linear_bytes, set_module
 from flux2.safetensors_io import CheckpointError, TensorFile
 from flux2.variants import VARIANTS
+from tests.conftest import dit_inputs, generate_args, rel_err
 from tests.datasets import copy_pipeline
 
 TINY = VARIANTS["tiny"]
 PREFIX = "model.diffusion_model."
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def quantised(mode: str, weight: torch.Tensor, dtype=torch.float32) -> torch.nn.Module:
@@ -155,7 +152,7 @@ def test_quantised_linear_gradients_and_merge():
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
         module.set_weight(dense + 0.01)
-        assert rel(module.dequantized_weight(torch.float32), dense + 0.01) < 0.1
+        assert rel_err(module.dequantized_weight(torch.float32), dense + 0.01) < 0.1
 
 
 # ------------------------------------------------------------------ a block's error against bf16
@@ -196,8 +193,8 @@ def test_block_output_error_against_bf16(mode):
         ref_d, ref_s = double(img, txt, pe, mi, mt)[0], single(x, pe, ms)
         out_d, out_s = quantise_block(double, mode)(img, txt, pe, mi, mt)[0], quantise_block(single, mode)(x, pe, ms)
     for out, ref, start in ((out_d, ref_d, img), (out_s, ref_s, x)):
-        assert 0 < rel(out - start, ref - start) < UPDATE_TOL[mode]
-        assert rel(out, ref) < OUTPUT_TOL[mode]
+        assert 0 < rel_err(out - start, ref - start) < UPDATE_TOL[mode]
+        assert rel_err(out, ref) < OUTPUT_TOL[mode]
 
 
 # ------------------------------------------------------------------ loading
@@ -225,10 +222,9 @@ def test_load_dit_quantised_tensor_by_tensor_unmapped(bf16_dit, mode):
     assert kinds == {"Nf4Linear" if mode == "nf4" else "Int8Linear"}
     assert type(model.img_in).__name__ == "Linear" and model.img_in.weight.dtype == torch.float32
     with torch.no_grad():
-        args = (torch.randn(1, 16, 128), sampling.latent_ids(1, 4, 4), torch.tensor([0.5]),
-                torch.randn(1, 8, 192), sampling.text_ids(1, 8))
-        err = rel(model(*args), plain(*args))
-    assert 0 < err < {"nf4": 0.02, "int8": 0.002}[mode], err  # measured: nf4 0.003, int8 0.00013
+        args = dit_inputs()
+        err = rel_err(model(*args), plain(*args))
+    assert 0 < err < {"nf4": 0.02, "int8": 0.002}[mode], err  # measured: nf4 0.002, int8 0.00009
 
 
 def test_save_dit_dequantises_nf4(tmp_path, bf16_dit):
@@ -312,17 +308,15 @@ def test_generation_from_comfy_fp8_matches_the_bf16_file(tiny_model, bf16_dit, c
     L2 error of the latent, measured 0.0009 (scaled_fp8) and 0.0007 (mixed); asserted below 0.005."""
     def latent(dit, *extra):
         out = tmp_path / f"{Path(dit).stem}{''.join(extra)}"
-        args = ["generate", "--model_version", "tiny", "--dit", str(dit), "--vae", str(tiny_model["vae"]),
-                "--text_encoder", str(tiny_model["text_encoder"]), "--prompt", "a red circle on a blue background",
-                "--image_size", "64", "64", "--infer_steps", "4", "--seed", "7", "--device", "cpu", "--dtype",
-                "float32", "--save_path", str(out), "--output_type", "latent", *extra]
-        assert main(args) == 0
+        assert main(generate_args(dict(tiny_model, dit=dit), out, "--prompt", "a red circle on a blue background",
+                                  "--image_size", "64", "64", "--infer_steps", "4", "--seed", "7", "--dtype", "float32",
+                                  "--output_type", "latent", *extra)) == 0
         (path,) = out.glob("*_latent.safetensors")
         return load_file(path)["latent"]
 
     reference = latent(bf16_dit)
-    assert rel(latent(comfy_files["scaled_fp8"]), reference) < 0.005
-    assert rel(latent(comfy_files["mixed"]), reference) < 0.005
+    assert rel_err(latent(comfy_files["scaled_fp8"]), reference) < 0.005
+    assert rel_err(latent(comfy_files["mixed"]), reference) < 0.005
 
 
 def test_comfy_formats_this_tool_cannot_read(comfy_files, tmp_path):
@@ -368,10 +362,8 @@ def test_nf4_training_loss_falls_and_lora_is_the_usual_file(pipeline):
 
 
 def test_generate_quantize_options(tiny_model, tmp_path, capsys):
-    base = ["generate", "--model_version", "tiny", "--dit", str(tiny_model["dit"]), "--vae", str(tiny_model["vae"]),
-            "--text_encoder", str(tiny_model["text_encoder"]), "--prompt", "a red circle", "--image_size", "64", "64",
-            "--infer_steps", "2", "--seed", "1", "--device", "cpu", "--save_path", str(tmp_path / "out"),
-            "--output_type", "latent"]
+    base = generate_args(tiny_model, tmp_path / "out", "--prompt", "a red circle", "--image_size", "64", "64",
+                         "--infer_steps", "2", "--seed", "1", "--output_type", "latent")
     assert main(base + ["--quantize", "int8", "--text_encoder_quantize", "nf4"]) == 0
     assert len(list((tmp_path / "out").glob("*_latent.safetensors"))) == 1
     lora = tmp_path / "lora.safetensors"
@@ -417,7 +409,7 @@ def test_text_encoder_quantised(tiny_model, mode):
     plain = load_text_encoder(tiny_model["text_encoder"], TINY, dtype=torch.float32)
     kinds = {type(m).__name__ for m in quant.model.layers.modules() if isinstance(m, torch.nn.Linear)}
     assert kinds == {"Nf4Linear" if mode == "nf4" else "Int8Linear"}
-    err = rel(quant.encode(prompts), plain.encode(prompts))
+    err = rel_err(quant.encode(prompts), plain.encode(prompts))
     assert 0 < err < {"nf4": 0.25, "int8": 0.03}[mode], err  # measured: nf4 0.16, int8 0.010
     assert quant.identity()["quantize"] == mode and "quantize" not in plain.identity()
 

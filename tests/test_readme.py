@@ -2,7 +2,6 @@
 README's test command. So the README cannot drift from the code."""
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -12,12 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, readme_block
 
 
 def readme_commands() -> list[str]:
     """The commands of the README's first fenced block (comments stripped)."""
-    block = re.search(r"```(?:bash|sh)?\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    block = readme_block()
     return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
 
 
@@ -80,12 +79,6 @@ def test_demo_command_runs_the_pipeline_in_a_fresh_clone_and_the_lora_learns_the
     assert m["concept_score"]["base"] < 0.01 and m["concept_presence"]["base"] == 0.0, m["concept_score"]
     assert m["concept_score"]["lora"] > 0.05 and m["concept_presence"]["lora"] >= 0.5, m["concept_score"]
     assert m["val_loss"]["lora"] < m["val_loss"]["base"]
-
-
-def readme_block(heading: str) -> str:
-    """The first fenced block under the README's `## heading`."""
-    section = (ROOT / "README.md").read_text().split(f"## {heading}\n", 1)[1]
-    return re.search(r"```(?:bash|sh)?\n(.*?)```", section, re.S).group(1)
 
 
 # The experiments of the README's block and the parameters each one changes (as MLflow stores them).

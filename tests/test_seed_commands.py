@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from flux2.cli import main
 from flux2.ingest import read_manifest
+from tests.conftest import readme_block
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,16 +102,14 @@ def with_paths(argv: list[str], paths: dict[str, str]) -> list[str]:
     return out
 
 
-def readme_block() -> list[list[str]]:
+def readme_musubi_commands() -> list[list[str]]:
     """The commands of the README's block under "Coming from musubi-tuner"."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Coming from musubi-tuner"):]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    block = readme_block("Coming from musubi-tuner")
     return [words(c) for c in re.split(r"\n(?=\S)", block.strip()) if not c.startswith("#")]
 
 
 def test_the_readme_block_is_the_seed_commands_translated():
-    assert readme_block() == [translate(c) for c in SEED_COMMANDS]
+    assert readme_musubi_commands() == [translate(c) for c in SEED_COMMANDS]
 
 
 def run_flux2(argv: list[str]) -> None:

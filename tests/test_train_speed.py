@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from flux2 import sampling
 from flux2.model import Flux2Transformer
 from flux2.params import ParamsError, load_params, parse_params
 from flux2.train import finish, optimizer_step, resume, setup, train_step
 from flux2.variants import VARIANTS
+from tests.conftest import dit_inputs
 
 HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
               torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy}
@@ -77,9 +77,7 @@ def test_a_non_finite_step_leaves_weights_and_optimizer_state_untouched(fused):
 
 def test_checkpointing_some_blocks_recomputes_only_those_with_equal_gradients():
     variant = VARIANTS["tiny"]
-    g = torch.Generator().manual_seed(1)
-    x, ctx = torch.randn(1, 16, 128, generator=g), torch.randn(1, 8, variant.context_in_dim, generator=g)
-    args = (x, sampling.latent_ids(1, 4, 4), torch.rand(1, generator=g), ctx, sampling.text_ids(1, 8))
+    args = dit_inputs(variant, seed=1)
     grads, calls = {}, {}
     for blocks in ("off", None, 1, 3):
         torch.manual_seed(0)
@@ -118,9 +116,7 @@ def test_an_attention_backend_gives_the_same_outputs_and_gradients():
     """model.attention_backend picks one SDPA kernel for every block (on a CPU: flash or math); tolerance rel 1e-5
     (float32), with gradient checkpointing, so the recompute uses the same kernel."""
     variant = VARIANTS["tiny"]
-    g = torch.Generator().manual_seed(2)
-    x, ctx = torch.randn(1, 16, 128, generator=g), torch.randn(1, 8, variant.context_in_dim, generator=g)
-    args = (x, sampling.latent_ids(1, 4, 4), torch.rand(1, generator=g), ctx, sampling.text_ids(1, 8))
+    args = dit_inputs(variant, seed=2)
     results = {}
     for backend in ("auto", "math", "flash"):
         torch.manual_seed(0)

@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from flux2.cli import main
+from tests.conftest import generate_args
 from tests.datasets import copy_pipeline
 from tests.reliability.helpers import leftovers, one_line_error, within
 
@@ -326,11 +327,7 @@ def bad_models(tiny_model, tmp_path_factory) -> dict[str, Path]:
     return files
 
 
-def generate_args(tiny_model, out: Path, dit: Path | None = None) -> list[str]:
-    return ["generate", "--model_version", "tiny", "--dit", str(dit or tiny_model["dit"]), "--vae",
-            str(tiny_model["vae"]), "--text_encoder", str(tiny_model["text_encoder"]), "--prompt", "a red circle",
-            "--image_size", "64", "64", "--infer_steps", "2", "--seed", "1", "--device", "cpu", "--save_path",
-            str(out)]
+SMALL_IMAGE = ("--prompt", "a red circle", "--image_size", "64", "64", "--infer_steps", "2", "--seed", "1")
 
 
 @pytest.mark.parametrize("case, extra, names", [
@@ -351,8 +348,8 @@ def generate_args(tiny_model, out: Path, dit: Path | None = None) -> list[str]:
 def test_non_finite_models_and_options_make_no_black_image(tiny_model, bad_models, tmp_path, capsys, case, extra,
                                                            names):
     out = tmp_path / "out"
-    dit = bad_models["nan_dit"] if "nan dit" in case else None
-    args = generate_args(tiny_model, out, dit) + [a.format(out=out, **bad_models) for a in extra]
+    files = dict(tiny_model, dit=bad_models["nan_dit"]) if "nan dit" in case else tiny_model
+    args = generate_args(files, out, *SMALL_IMAGE, *[a.format(out=out, **bad_models) for a in extra])
     assert main(args) == 2, case
     one_line_error(capsys.readouterr().err, *names)
     assert not out.exists() or not [p for p in out.iterdir()], sorted(out.iterdir())  # no image, no model
@@ -362,5 +359,5 @@ def test_non_finite_models_and_options_make_no_black_image(tiny_model, bad_model
 def test_the_finite_lora_of_these_cases_generates(tiny_model, bad_models, tmp_path):
     """The control case: the same command with the good LoRA writes an image."""
     out = tmp_path / "out"
-    assert main(generate_args(tiny_model, out) + ["--lora_weight", str(bad_models["lora"])]) == 0
+    assert main(generate_args(tiny_model, out, *SMALL_IMAGE, "--lora_weight", str(bad_models["lora"]))) == 0
     assert len(list(out.glob("*.png"))) == 1
