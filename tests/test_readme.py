@@ -86,6 +86,39 @@ EXPERIMENTS = {"lr-3e-4": {"train.learning_rate": "0.0003"}, "dim-32": {"train.n
                "seed-1": {"train.seed": "1"}, "seed-2": {"train.seed": "2"}}
 
 
+def run_block(block: str, clone: Path, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """Run a README block with bash -e in `clone`, its output in files rather than pipes, then stop what it left
+    running there. `dvc queue start` leaves a daemon holding the output it inherited, and a celery worker of the
+    queue can outlive its last task (a shutdown race of DVC's local queue, seen here: the worker logged "done"
+    and stayed): reading pipes until every writer closed them would wait for those forever."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        try:
+            done = subprocess.run(["bash", "-e", "-c", block], cwd=clone, env=env, stdout=out, stderr=err,
+                                  text=True, timeout=timeout)
+        finally:
+            stop_processes_in(clone)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(done.args, done.returncode, out.read(), err.read())
+
+
+def stop_processes_in(folder: Path) -> None:
+    """Terminate the processes whose working directory is inside `folder` (Linux /proc; elsewhere nothing)."""
+    import signal
+
+    folder = folder.resolve()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cwd = Path(os.readlink(proc / "cwd"))
+        except OSError:  # gone, or not ours to look at
+            continue
+        if cwd == folder or folder in cwd.parents:
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
 def experiment_file(clone: Path, name: str, path: str) -> str:
     """A file as the DVC experiment `name` committed it (its ref is refs/exps/.../<name>)."""
     refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=clone,
@@ -107,8 +140,7 @@ def test_experiment_block_gives_each_experiment_its_own_run_without_encoding_aga
     clone, env, _ = demo
     params_before = (clone / "params.yaml").read_text()
     demo_run = json.loads((clone / "metrics" / "train.json").read_text())["mlflow_run_id"]
-    out = subprocess.run(["bash", "-e", "-c", readme_block("Try a change, compare runs")], cwd=clone, env=env,
-                         capture_output=True, text=True, timeout=1200)
+    out = run_block(readme_block("Try a change, compare runs"), clone, env, timeout=1200)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert (clone / "params.yaml").read_text() == params_before
     assert all(name in out.stdout for name in EXPERIMENTS)  # dvc exp show lists them
