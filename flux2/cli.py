@@ -484,6 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def close_process_group() -> None:
+    """End the process group that `accelerate launch` / torchrun runs made (a no-op in a single process): a gloo
+    group left for interpreter exit sometimes aborted a rank there ("terminate called without an active
+    exception"), failing a run that had finished."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -500,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         named = isinstance(e, OSError) and e.errno is not None and e.filename is None and e.strerror
         print(f"error: {e.strerror if named else e}", file=sys.stderr)
         return 2
+    finally:
+        close_process_group()
     return 0
 
 
