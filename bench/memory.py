@@ -622,8 +622,11 @@ def gpu_rows(variants: list[str], res: int, rank: int, device: str = "cuda") -> 
             if i:
                 times.append(time.perf_counter() - start)
         peak = peak_bytes()
+        # What the caching allocator held at most (allocated + its slack): what has to fit on the card.
+        reserved = torch.cuda.max_memory_reserved() if cuda else None
         rows.append({"variant": name, "quantize": "nf4", "res": res, "rank": rank, "grad_ckpt": True,
-                     "load_peak_gib": load_peak / GIB, "peak_gib": peak / GIB, "step_s": sorted(times)[1],
+                     "load_peak_gib": load_peak / GIB, "peak_gib": peak / GIB,
+                     "reserved_gib": None if reserved is None else reserved / GIB, "step_s": sorted(times)[1],
                      "target_gib": GPU_TARGETS.get(name, 0) / GIB,
                      "ok": peak <= GPU_TARGETS.get(name, float("inf"))})
         target = (f" (target {GPU_TARGETS[name] / GIB:.0f} GiB: {'ok' if rows[-1]['ok'] else 'MISSED'})"

@@ -70,14 +70,16 @@ def qlora_table(memory: dict, counted: list[dict]) -> str:
     by_key = {(r["variant"], r["res"], r["rank"]): r for r in counted
               if r["switch"] == "nf4" and r["optimizer"] == "adamw" and r["grad_ckpt"]}
     lines = [f"QLoRA memory targets on {gpu['device']} (NF4 base, gradient checkpointing, AdamW):", "",
-             "| variant | resolution | rank | peak GiB (max allocated) | counted on the CPU GiB | s/step | target |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | resolution | rank | peak GiB (max allocated) | max reserved GiB | counted on the CPU GiB | s/step "
+             "| target |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in gpu["rows"]:
         count = by_key.get((r["variant"], r["res"], r["rank"]))
         counted_gib = f"{count['peak'] / 2**30:.2f}" if count else "-"
         target = f"<= {r['target_gib']:.0f} GiB: {'met' if r['ok'] else 'missed'}" if r["target_gib"] else ""
-        lines.append(f"| {r['variant']} | {r['res']}^2 | {r['rank']} | {r['peak_gib']:.2f} | {counted_gib} | "
-                     f"{r['step_s']:.3f} | {target} |")
+        reserved = f"{r['reserved_gib']:.2f}" if r.get("reserved_gib") is not None else "-"
+        lines.append(f"| {r['variant']} | {r['res']}^2 | {r['rank']} | {r['peak_gib']:.2f} | {reserved} | "
+                     f"{counted_gib} | {r['step_s']:.3f} | {target} |")
     return "\n".join(lines) + "\n"
 
 
