@@ -71,15 +71,49 @@ def meta_dit(variant):
         return Flux2Transformer(variant)
 
 
-def dit_bytes(variant, switch: str) -> int:
-    """Exact resident bytes of the DiT in bf16 with `switch` applied to its block Linears (flux2.loading)."""
+def block_linears(model) -> set[str]:
+    """The names of the DiT's block Linears: the ones a memory switch quantises (flux2.fp8.dit_block_linear)."""
     import torch
 
     from flux2.fp8 import dit_block_linear
+
+    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and dit_block_linear(n, m)}
+
+
+def step_inputs(variant, res: int, text_tokens: int, device="cpu") -> dict:
+    """Random inputs of one training step at res x res (batch 1): clean latents, noise, timestep, text context,
+    guidance, position ids."""
+    import torch
+
+    from flux2 import sampling
+
+    side = res // 16
+    x0 = torch.randn(1, side * side, variant.in_channels, device=device)
+    return {"x0": x0, "noise": torch.randn_like(x0), "t": torch.rand(1, device=device),
+            "ctx": torch.randn(1, text_tokens, variant.context_in_dim, device=device, dtype=torch.bfloat16),
+            "guidance": torch.ones(1, device=device) if variant.use_guidance_embed else None,
+            "x_ids": sampling.latent_ids(1, side, side, device=device),
+            "ctx_ids": sampling.text_ids(1, text_tokens, device=device)}
+
+
+def step_loss(step, inputs: dict):
+    """The flow-matching loss of step(x, x_ids, t, ctx, ctx_ids, guidance) under bf16 autocast: what every
+    memory bench here trains (bench/memory.py --gpu, bench/step_memory.py)."""
+    import torch
+
+    x0, noise, t = inputs["x0"], inputs["noise"], inputs["t"]
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16):
+        pred = step((1 - t) * x0 + t * noise, inputs["x_ids"], t, inputs["ctx"], inputs["ctx_ids"],
+                    inputs["guidance"])
+    return (pred.float() - (noise - x0)).square().mean()
+
+
+def dit_bytes(variant, switch: str) -> int:
+    """Exact resident bytes of the DiT in bf16 with `switch` applied to its block Linears (flux2.loading)."""
     from flux2.quantize import linear_bytes
 
     model, total = meta_dit(variant), 0
-    quantized = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and dit_block_linear(n, m)}
+    quantized = block_linears(model)
     for name, tensor in model.state_dict().items():
         module = name.rpartition(".")[0]
         if module in quantized and switch != "bf16":
@@ -571,8 +605,6 @@ def gpu_rows(variants: list[str], res: int, rank: int, device: str = "cuda") -> 
     (device="cpu" runs the same code with the process's peak RSS instead: how it is checked without a GPU.)"""
     import torch
 
-    from flux2 import sampling
-    from flux2.fp8 import dit_block_linear
     from flux2.lora import create_network
     from flux2.quantize import load_streaming
     from flux2.variants import VARIANTS
@@ -595,27 +627,19 @@ def gpu_rows(variants: list[str], res: int, rank: int, device: str = "cuda") -> 
         model = meta_dit(variant)
         shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
         source = RandomSource(shapes, device)
-        quantized = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and dit_block_linear(n, m)}
-        load_streaming(model, lambda k: (source, k), quantized, "nf4", torch.bfloat16, device)
+        load_streaming(model, lambda k: (source, k), block_linears(model), "nf4", torch.bfloat16, device)
         model.requires_grad_(False).gradient_checkpointing = True
         load_peak = peak_bytes()
         network = create_network(model, rank, rank)
         network.apply_to(model)
         params = [p for p in network.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
-        side, n_txt = res // 16, variant.max_text_tokens
-        x_ids, ctx_ids = sampling.latent_ids(1, side, side, device=device), sampling.text_ids(1, n_txt, device=device)
         times = []
         for i in range(4):
-            x0 = torch.randn(1, side * side, 128, device=device)
-            noise, t = torch.randn_like(x0), torch.rand(1, device=device)
-            ctx = torch.randn(1, n_txt, variant.context_in_dim, device=device, dtype=torch.bfloat16)
-            g = torch.ones(1, device=device) if variant.use_guidance_embed else None
+            inputs = step_inputs(variant, res, variant.max_text_tokens, device)
             sync()
             start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                pred = model((1 - t) * x0 + t * noise, x_ids, t, ctx, ctx_ids, g)
-            (pred.float() - (noise - x0)).square().mean().backward()
+            step_loss(model, inputs).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             sync()

@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from memory import GIB, GPU_TARGETS, meta_dit, optimizer_bytes  # noqa: E402  (bench/memory.py)
+from memory import (GIB, GPU_TARGETS, block_linears, meta_dit, optimizer_bytes, step_inputs,  # noqa: E402
+                    step_loss)  # (bench/memory.py)
 
 SWITCHES = ("bf16", "fp8", "nf4")  # int8's bitsandbytes Int8Params cannot hold a fake tensor: not counted here
 
@@ -141,12 +142,10 @@ def quant_state_tensors(state) -> list[torch.Tensor]:
 def build_dit(variant, switch: str) -> nn.Module:
     """The DiT with random (fake, under FakeTensorMode) bf16 weights, its block Linears in `switch`, built the way
     flux2.quantize builds them."""
-    from flux2.fp8 import dit_block_linear
     from flux2.quantize import assign_tensor, builder, set_module
 
     model = meta_dit(variant)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and dit_block_linear(n, m)}
-    quantized = set(linears) if switch != "bf16" else set()
+    quantized = block_linears(model) if switch != "bf16" else set()
     for name, tensor in model.state_dict().items():
         module, _, leaf = name.rpartition(".")
         if module in quantized:
@@ -237,7 +236,6 @@ def count_step(variant_name: str, switch: str, res: int, rank: int = 32, grad_ck
     variant's 512."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from flux2 import sampling
     from flux2.variants import VARIANTS
 
     variant = VARIANTS[variant_name]
@@ -264,18 +262,9 @@ def count_step(variant_name: str, switch: str, res: int, rank: int = 32, grad_ck
             state = optimizer_bytes([p.numel() for p in params], optimizer)
             counter.reserve(state)  # the optimizer's state, made by the first step, alive in every later one
             before = counter.live
-            side, n_txt = res // 16, text_tokens or variant.max_text_tokens
             with counter:
-                x_ids, ctx_ids = sampling.latent_ids(1, side, side), sampling.text_ids(1, n_txt)
-                x0 = torch.randn(1, side * side, variant.in_channels)
-                noise, t = torch.randn_like(x0), torch.rand(1)
-                ctx = torch.randn(1, n_txt, variant.context_in_dim, dtype=torch.bfloat16)
-                g = torch.ones(1) if variant.use_guidance_embed else None
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    pred = step((1 - t) * x0 + t * noise, x_ids, t, ctx, ctx_ids, g)
-                loss = (pred.float() - (noise - x0)).square().mean()
-                del pred
-                loss.backward()
+                inputs = step_inputs(variant, res, text_tokens or variant.max_text_tokens)  # alive through backward
+                step_loss(step, inputs).backward()
                 grads = sum(p.grad.untyped_storage().nbytes() for p in params)
     finally:
         torch.set_num_threads(threads)
@@ -287,10 +276,11 @@ def count_step(variant_name: str, switch: str, res: int, rank: int = 32, grad_ck
 
 
 def line(row: dict) -> str:
-    target = row["target"]
-    margin = None if target is None else (target - row["peak"]) / GIB
-    verdict = "" if target is None else (f" (<= {target / GIB:.0f} GiB: " +
-                                         (f"{margin:.2f} GiB under)" if margin >= 0 else f"OVER by {-margin:.2f} GiB)"))
+    target, verdict = row["target"], ""
+    if target is not None:
+        margin = (target - row["peak"]) / GIB
+        verdict = f" (<= {target / GIB:.0f} GiB: " + (f"{margin:.2f} GiB under)" if margin >= 0
+                                                       else f"OVER by {-margin:.2f} GiB)")
     return (f"| {row['impl']} | {row['variant']} | {row['switch']} | {row['res']}^2 | "
             f"{'yes' if row['grad_ckpt'] else 'no'} | "
             f"{row['optimizer']} | "
