@@ -122,7 +122,8 @@ class AdapterModule(nn.Module):
 class LoRAModule(AdapterModule):
     """The low-rank update of one Linear: out += multiplier * (alpha / rank) * lora_up(lora_down(x)).
 
-    Computed in the LoRA's dtype (often float32 beside a bf16 DiT); the sum is cast back to the output dtype.
+    Computed in the LoRA's dtype (often float32 beside a bf16 DiT), or in autocast's under autocast
+    (adapter_input); the sum is cast back to the output dtype.
     In training mode: `dropout` on the down output, `rank_dropout` drops whole rank channels per sample (the
     rest rescaled), `module_dropout` skips the whole update for a step."""
 
@@ -144,7 +145,7 @@ class LoRAModule(AdapterModule):
         self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        """The update multiplier * scale * up(down(x)), in the LoRA's dtype."""
+        """The update multiplier * scale * up(down(x)), in the LoRA's dtype (autocast's under autocast)."""
         h = self.lora_down(adapter_input(x, self.lora_down.weight.dtype))
         scale = self.multiplier * self.scale
         if self.training and self.dropout:
